@@ -1,0 +1,1 @@
+"""maximus-ops runtime library: the logic behind the Invoke tasks."""

@@ -1,0 +1,222 @@
+"""Health checks of an environment, run concurrently, each bounded by its own timeout.
+
+A check that cannot measure never passes: a timeout and an unreachable endpoint are failures with the
+reason in `detail`. A hung component costs its own timeout and delays nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import httpx
+import psycopg
+import redis.asyncio as aioredis
+
+from opskit import envstate, localenv
+from opskit.errors import BadInput, OperationFailed
+from opskit.model import COLORS, Environment
+
+Verdict = Literal["pass", "fail", "timeout"]
+Probe = Callable[[], Awaitable[str]]
+
+HTTP_TIMEOUT_S = 2.0
+DATABASE_TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    endpoint: str
+    required: bool
+    timeout_s: float
+    probe: Probe
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    endpoint: str
+    required: bool
+    verdict: Verdict
+    detail: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict == "pass"
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    environment: str
+    checks: list[CheckResult]
+
+    @property
+    def healthy(self) -> bool:
+        return all(c.ok for c in self.checks if c.required)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "environment": self.environment,
+            "healthy": self.healthy,
+            "checks": [{**asdict(c), "ok": c.ok} for c in self.checks],
+        }
+
+
+async def _run_one(check: Check) -> CheckResult:
+    started = time.monotonic()
+    try:
+        detail = await asyncio.wait_for(check.probe(), timeout=check.timeout_s)
+        verdict: Verdict = "pass"
+    except TimeoutError:
+        verdict, detail = "timeout", f"no answer within {check.timeout_s:g} s"
+    except Exception as exc:  # any failure to measure is a failed check, with its reason
+        verdict, detail = "fail", _reason(exc)
+    return CheckResult(
+        check.name, check.endpoint, check.required, verdict, detail, round(time.monotonic() - started, 3)
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def run_checks(environment: str, checks: list[Check]) -> HealthReport:
+    results = await asyncio.gather(*(_run_one(c) for c in checks))
+    return HealthReport(environment, list(results))
+
+
+def _http_ready(url: str, expect: str | None = None) -> Probe:
+    async def probe() -> str:
+        async with httpx.AsyncClient(timeout=None) as client:  # noqa: S113 - bounded by the check's timeout
+            response = await client.get(url)
+        if response.status_code != 200:
+            raise OperationFailed(f"HTTP {response.status_code}: {response.text.strip()[:120]}")
+        if expect is not None and expect not in response.text:
+            raise OperationFailed(f"answer lacks {expect!r}")
+        return f"HTTP {response.status_code}"
+
+    return probe
+
+
+def _postgres(env: Environment) -> Probe:
+    async def probe() -> str:
+        conn = await psycopg.AsyncConnection.connect(
+            host="127.0.0.1",
+            port=env.local_ports.postgres,
+            dbname="postgres",
+            user="postgres",
+            password=localenv.read_secret(env, localenv.POSTGRES_PASSWORD),
+            connect_timeout=int(DATABASE_TIMEOUT_S),
+        )
+        async with conn:
+            cursor = await conn.execute("SELECT 1")
+            row = await cursor.fetchone()
+        if row != (1,):
+            raise OperationFailed(f"SELECT 1 returned {row!r}")
+        return "SELECT 1 ok"
+
+    return probe
+
+
+def _redis(env: Environment) -> Probe:
+    async def probe() -> str:
+        client = aioredis.Redis(
+            host="127.0.0.1",
+            port=env.local_ports.redis,
+            password=localenv.read_secret(env, localenv.REDIS_PASSWORD),
+        )
+        try:
+            if not await client.ping():
+                raise OperationFailed("PING was not answered with PONG")
+        finally:
+            await client.aclose()
+        return "PONG"
+
+    return probe
+
+
+def _haproxy(env: Environment, active: str) -> Probe:
+    url = f"http://127.0.0.1:{env.local_ports.haproxy_stats}/stats;csv"
+
+    async def probe() -> str:
+        async with httpx.AsyncClient(timeout=None) as client:  # noqa: S113 - bounded by the check's timeout
+            response = await client.get(url)
+        response.raise_for_status()
+        rows = list(csv.DictReader(io.StringIO(response.text.lstrip("# "))))
+        status = {r["svname"]: r["status"] for r in rows if r.get("pxname") == localenv.EDGE_BACKEND}
+        if not status:
+            raise OperationFailed(f"backend {localenv.EDGE_BACKEND!r} missing from the stats")
+        if not status.get(active, "").startswith("UP"):
+            raise OperationFailed(f"active server {active} is {status.get(active, 'missing')}")
+        return f"edge routes to {active} ({status[active]})"
+
+    return probe
+
+
+def local_checks(env: Environment, color: str | None = None) -> list[Check]:
+    """The checks of a single-machine environment; `color` narrows the workload checks to that color."""
+    if color is not None and color not in COLORS:
+        raise BadInput(f"--color: {color!r} is not a color; accepted: {', '.join(COLORS)}")
+    ports = env.local_ports
+    state = envstate.read_state(env)
+    active = state.active
+    http = "http://127.0.0.1:{}"
+    checks = [
+        Check("postgres", localenv.endpoints(env)["postgres"], True, DATABASE_TIMEOUT_S, _postgres(env)),
+        Check("redis", localenv.endpoints(env)["redis"], True, HTTP_TIMEOUT_S, _redis(env)),
+        Check(
+            "prometheus",
+            http.format(ports.prometheus),
+            True,
+            HTTP_TIMEOUT_S,
+            _http_ready(http.format(ports.prometheus) + "/-/ready"),
+        ),
+        Check(
+            "alertmanager",
+            http.format(ports.alertmanager),
+            True,
+            HTTP_TIMEOUT_S,
+            _http_ready(http.format(ports.alertmanager) + "/-/ready"),
+        ),
+        Check(
+            "alert-receiver",
+            http.format(ports.alert_receiver),
+            True,
+            HTTP_TIMEOUT_S,
+            _http_ready(http.format(ports.alert_receiver) + "/-/ready"),
+        ),
+        Check(
+            "haproxy",
+            f"http://127.0.0.1:{ports.haproxy_stats}/stats",
+            True,
+            HTTP_TIMEOUT_S,
+            _haproxy(env, active),
+        ),
+    ]
+    for each in COLORS:
+        if color is not None and each != color:
+            continue
+        deployed = each in state.colors
+        if not deployed and each != color:
+            continue
+        url = http.format(getattr(ports, each))
+        required = each in (color, active)
+        checks.append(Check(f"workload-{each}", url, required, HTTP_TIMEOUT_S, _http_ready(url + "/readyz")))
+    return checks
+
+
+def check_environment(env: Environment, color: str | None = None) -> HealthReport:
+    if env.kind != "local":
+        raise OperationFailed(
+            f"environment {env.name}: health of a {env.kind} environment needs cluster access, which this "
+            "machine has not; not measured, so not healthy"
+        )
+    return asyncio.run(run_checks(env.name, local_checks(env, color)))

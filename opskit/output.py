@@ -1,0 +1,108 @@
+"""Printing reports: rich tables for people, one JSON document for machines."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
+    result = Table(title=title, title_justify="left")
+    for column in columns:
+        result.add_column(column)
+    for row in rows:
+        result.add_row(*(_cell(v) for v in row))
+    return result
+
+
+def _cell(value: Any) -> str:
+    if value is True:
+        return "[green]yes[/green]"
+    if value is False:
+        return "[red]no[/red]"
+    if value is None:
+        return "-"
+    return str(value)
+
+
+def verdict(ok: bool, text: str | None = None) -> str:
+    word = text or ("pass" if ok else "FAIL")
+    return f"[green]{word}[/green]" if ok else f"[bold red]{word}[/bold red]"
+
+
+def progress_line(line: str) -> None:
+    """Ansible's task names as they run, so a long provisioning shows where it is."""
+    if line.startswith("TASK [") or line.startswith("RUNNING HANDLER ["):
+        console.print(f"[dim]{line.rstrip(' *')}[/dim]", highlight=False)
+
+
+def print_status(report: dict[str, Any]) -> None:
+    active = report["active"]
+    previous = report.get("previous") or {}
+    running = verdict(True, "running") if report["running"] else verdict(False, "stopped")
+    console.print(
+        f"[bold]{report['environment']}[/bold]: {running}"
+        f"; active [bold]{active['color']}[/bold] {active['version']}"
+        f"; previous {previous.get('color', '-')} {previous.get('version', '')}"
+        f"; deploy {report['deploy'].get('state', '-')}; edge {report['edge']}"
+    )
+    console.print(
+        table(
+            "components",
+            ("component", "state", "pid", "endpoint"),
+            ((c["name"], c["state"], c["pid"], c["endpoint"]) for c in report["components"]),
+        )
+    )
+    if report["last_operations"]:
+        console.print(
+            table(
+                "last operations",
+                ("when", "operation", "result"),
+                ((o.get("at"), o.get("operation"), o.get("result")) for o in report["last_operations"]),
+            )
+        )
+
+
+def print_health(report: Any) -> None:
+    rows = (
+        (
+            c.name,
+            verdict(c.ok, c.verdict if not c.ok else "pass"),
+            "yes" if c.required else "no",
+            f"{c.seconds:.3f}",
+            c.detail,
+            c.endpoint,
+        )
+        for c in report.checks
+    )
+    console.print(
+        table(
+            f"health of {report.environment}",
+            ("check", "verdict", "required", "seconds", "detail", "endpoint"),
+            rows,
+        )
+    )
+    console.print(verdict(report.healthy, "healthy" if report.healthy else "UNHEALTHY"))
+
+
+def print_demo(report: Any) -> None:
+    console.rule("[bold]summary")
+    console.print(
+        table(
+            f"demo on {report.environment}",
+            ("step", "result", "seconds", "detail"),
+            ((s.name, verdict(s.ok), f"{s.seconds:.1f}", s.detail) for s in report.steps),
+        )
+    )

@@ -1,0 +1,115 @@
+"""maximus-ops command line: `invoke --list` shows every task, `invoke --help TASK` its arguments.
+
+Each task parses its arguments, calls opskit and prints the result (rich for people, --json for
+machines). Exit codes: 0 done; 1 the operation or a gate failed, the system left safe; 2 bad input,
+nothing changed; 3 another operation holds the environment's lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from invoke.collection import Collection
+from invoke.context import Context
+from invoke.exceptions import Exit
+from invoke.tasks import task
+
+from opskit import demo as demo_steps
+from opskit import health as health_checks
+from opskit import localenv, output
+from opskit import status as status_report
+from opskit.errors import OpsError
+from opskit.model import Environment, load_environment
+
+ENV_HELP = "environment name: local (the default), staging, production, or one in $MAXIMUS_ENVIRONMENTS_DIR"
+JSON_HELP = "print one JSON document instead of tables"
+
+
+@contextmanager
+def contract() -> Iterator[None]:
+    """Turn opskit's errors into one line on stderr and the contract's exit code."""
+    try:
+        yield
+    except OpsError as exc:
+        raise Exit(f"error: {exc}", code=exc.exit_code) from None
+    except KeyboardInterrupt:
+        raise Exit(
+            "interrupted: the environment was left as it was; run the same command again", code=1
+        ) from None
+
+
+def _local(env_name: str) -> Environment:
+    return load_environment(env_name).require_local()
+
+
+@task(help={"env": ENV_HELP, "json": JSON_HELP})
+def up(c: Context, env: str = "local", json: bool = False) -> None:
+    """Provision and start a single-machine environment (idempotent: a second run changes nothing)."""
+    with contract():
+        environment = _local(env)
+        report = localenv.up(environment, on_output=None if json else output.progress_line)
+        if json:
+            output.print_json(report.as_dict())
+        else:
+            output.console.print(
+                f"local.up {env}: ok={report.ok} changed={report.changed} failed={report.failed} "
+                f"in {report.seconds:.1f} s; edge {localenv.endpoints(environment)['edge']}"
+            )
+
+
+@task(help={"env": ENV_HELP, "purge": "also delete the environment's state: data, backups, logs, secrets"})
+def down(c: Context, env: str = "local", purge: bool = False) -> None:
+    """Stop every process of a single-machine environment; --purge also deletes its state."""
+    with contract():
+        localenv.down(_local(env), purge=purge)
+        output.console.print(f"local.down {env}: stopped" + (", state deleted" if purge else ""))
+
+
+@task(help={"env": ENV_HELP, "json": JSON_HELP})
+def status(c: Context, env: str = "local", json: bool = False) -> None:
+    """Active color and version, the previous one, deploy state, components and last operations."""
+    with contract():
+        report = status_report.environment_status(load_environment(env))
+        if json:
+            output.print_json(report)
+        else:
+            output.print_status(report)
+
+
+@task(help={"env": ENV_HELP, "color": "check only this color's workload: blue or green", "json": JSON_HELP})
+def health(c: Context, env: str = "local", color: str | None = None, json: bool = False) -> None:
+    """Run every health check concurrently, each with its own timeout; exit 0 only when all required pass."""
+    with contract():
+        report = health_checks.check_environment(load_environment(env), color)
+        if json:
+            output.print_json(report.as_dict())
+        else:
+            output.print_health(report)
+        if not report.healthy:
+            failed = ", ".join(c.name for c in report.checks if c.required and not c.ok)
+            raise Exit(f"unhealthy: {failed}; see the runbook runbooks/health.md", code=1)
+
+
+@task(help={"env": "a single-machine environment to run the story on (default local)", "json": JSON_HELP})
+def demo(c: Context, env: str = "local", json: bool = False) -> None:
+    """The whole story on `local`, end to end: provision, status, health, real traffic through the edge."""
+    with contract():
+        report = demo_steps.run(_local(env), quiet=json)
+        if json:
+            output.print_json(report.as_dict())
+        else:
+            output.print_demo(report)
+        if not report.ok:
+            raise Exit("demo: a step failed; see above", code=1)
+
+
+local = Collection("local")
+local.add_task(up, name="up")
+local.add_task(down, name="down")
+
+namespace = Collection()
+namespace.add_collection(local)
+namespace.add_task(status)
+namespace.add_task(health)
+namespace.add_task(demo)

@@ -1,0 +1,136 @@
+"""The machine as the playbook left it, checked with testinfra: packages, listeners, files, routing."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import testinfra
+
+from opskit import localenv
+from opskit.model import Environment
+
+pytestmark = pytest.mark.localenv
+
+PACKAGES = ("postgresql", "redis-server", "prometheus", "prometheus-alertmanager", "haproxy")
+CONFIGS = (
+    "postgresql.conf",
+    "pg_hba.conf",
+    "redis.conf",
+    "prometheus.yml",
+    "alertmanager.yml",
+    "haproxy.cfg",
+)
+HOLDS_A_SECRET = ("redis.conf",)
+
+
+@pytest.fixture(scope="module")
+def host() -> Any:
+    return testinfra.get_host("local://")
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_package_installed(host: Any, package: str, local_env: Environment) -> None:
+    assert host.package(package).is_installed
+
+
+def test_prometheus_left_out_the_node_exporter(host: Any, local_env: Environment) -> None:
+    assert not host.package("prometheus-node-exporter").is_installed
+
+
+def test_service_account(host: Any, local_env: Environment) -> None:
+    user = host.user("maximus")
+    assert user.exists
+    assert user.shell == "/usr/sbin/nologin"
+    assert user.group == "maximus"
+
+
+@pytest.mark.parametrize(
+    "port_name",
+    ["postgres", "redis", "prometheus", "alertmanager", "alert_receiver", "edge", "haproxy_stats", "blue"],
+)
+def test_listening_on_loopback(host: Any, local_env: Environment, port_name: str) -> None:
+    port = getattr(local_env.local_ports, port_name)
+    assert host.socket(f"tcp://127.0.0.1:{port}").is_listening
+    assert not host.socket(f"tcp://0.0.0.0:{port}").is_listening
+
+
+def test_programs_run_as_the_service_account(host: Any, local_env: Environment) -> None:
+    programs = localenv.process_status(local_env)
+    assert set(programs) >= localenv.REQUIRED | {"workload-blue"}
+    for name, program in programs.items():
+        assert program["state"] == "RUNNING", (name, program)
+        assert host.check_output(f"ps -o user= -p {program['pid']}").strip() == "maximus", name
+    supervisord = localenv.supervisord_process(local_env)
+    assert supervisord is not None and supervisord.username() == "root"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_file(host: Any, local_env: Environment, name: str) -> None:
+    config = host.file(str(localenv.etc_dir(local_env) / name))
+    assert config.is_file
+    assert config.user == "maximus"
+    assert config.mode == (0o600 if name in HOLDS_A_SECRET else 0o644)
+
+
+def test_secrets_are_private(host: Any, local_env: Environment) -> None:
+    directory = host.file(str(localenv.secrets_dir(local_env)))
+    assert directory.user == "maximus"
+    assert directory.mode == 0o700
+    names = sorted(p.name for p in localenv.secrets_dir(local_env).iterdir())
+    assert names == sorted(localenv.secret_names(local_env))
+    for name in names:
+        secret = host.file(str(localenv.secrets_dir(local_env) / name))
+        assert (secret.user, secret.group, secret.mode) == ("maximus", "maximus", 0o600)
+        assert len(secret.content_string.strip()) >= 32
+
+
+def test_supervisor_control_is_root_only(host: Any, local_env: Environment) -> None:
+    sock = host.file(str(localenv.run_dir(local_env) / "supervisord.sock"))
+    assert sock.is_socket
+    assert (sock.user, sock.mode) == ("root", 0o700)
+    conf = host.file(str(localenv.supervisor_conf(local_env)))
+    assert (conf.user, conf.mode) == ("root", 0o600)
+
+
+def test_postgres_data_is_private_and_scram_only(host: Any, local_env: Environment) -> None:
+    data = host.file(str(localenv.data_dir(local_env) / "postgres"))
+    assert (data.user, data.mode) == ("maximus", 0o700)
+    hba = host.file(str(localenv.etc_dir(local_env) / "pg_hba.conf")).content_string
+    methods = {line.split()[-1] for line in hba.splitlines() if line.strip() and not line.startswith("#")}
+    assert methods == {"scram-sha-256"}
+
+
+def _haproxy(env: Environment, command: str) -> str:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(str(localenv.haproxy_socket(env)))
+        sock.sendall(command.encode() + b"\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def test_haproxy_routes_to_the_active_color(host: Any, local_env: Environment) -> None:
+    runtime = host.file(str(localenv.haproxy_socket(local_env)))
+    assert runtime.is_socket and runtime.user == "maximus" and runtime.mode == 0o600
+    active = json.loads(Path(localenv.state_file(local_env)).read_text())["active"]
+
+    lines = [line.split() for line in _haproxy(local_env, "show servers state").splitlines()]
+    servers = {fields[3]: fields for fields in lines if len(fields) > 6 and not fields[0].startswith("#")}
+    assert {(fields[1], fields[3]) for fields in servers.values()} == {
+        (localenv.EDGE_BACKEND, "blue"),
+        (localenv.EDGE_BACKEND, "green"),
+    }
+    # srv_op_state 2 = running; srv_admin_state 0 = enabled, anything else = maintenance
+    assert servers[active][5] == "2" and servers[active][6] == "0"
+    idle = "green" if active == "blue" else "blue"
+    assert servers[idle][6] != "0"
+
+    response = httpx.get(localenv.endpoints(local_env)["edge"] + "/version", timeout=5)
+    assert response.headers["X-App-Color"] == active
