@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from invoke.collection import Collection
 from invoke.context import Context
@@ -104,12 +105,56 @@ def demo(c: Context, env: str = "local", json: bool = False) -> None:
             raise Exit("demo: a step failed; see above", code=1)
 
 
+STACK_HELP = "the stack: staging or production"
+
+
+@task(
+    help={
+        "stack": STACK_HELP,
+        "out": "directory for the manifests (new, empty or a previous render)",
+        "json": JSON_HELP,
+    }
+)
+def render(c: Context, stack: str, out: str, json: bool = False) -> None:
+    """Write every Kubernetes object the stack declares, one YAML file per object; no cluster needed."""
+    with contract():
+        from opskit import stack as stacks  # pulumi is slow to import: only for the stack tasks
+
+        report = stacks.render(stack, Path(out))
+        if json:
+            output.print_json(report.as_dict())
+        else:
+            output.console.print(
+                f"stack.render {stack}: {report.objects} objects and "
+                f"{len(report.helm_releases)} Helm releases written to {out}"
+            )
+
+
+@task(help={"stack": STACK_HELP, "json": JSON_HELP})
+def check(c: Context, stack: str, json: bool = False) -> None:
+    """Render, validate every object (Kubernetes 1.31), run the policies and checkov; exit 1 on failure."""
+    with contract():
+        from opskit import stack as stacks
+
+        report = stacks.check(stack)
+        if json:
+            output.print_json(report.as_dict())
+        else:
+            output.print_stack_check(report.as_dict())
+        report.raise_for_failures()
+
+
 local = Collection("local")
 local.add_task(up, name="up")
 local.add_task(down, name="down")
 
+stack = Collection("stack")
+stack.add_task(render, name="render")
+stack.add_task(check, name="check")
+
 namespace = Collection()
 namespace.add_collection(local)
+namespace.add_collection(stack)
 namespace.add_task(status)
 namespace.add_task(health)
 namespace.add_task(demo)

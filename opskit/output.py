@@ -106,3 +106,23 @@ def print_demo(report: Any) -> None:
             ((s.name, verdict(s.ok), f"{s.seconds:.1f}", s.detail) for s in report.steps),
         )
     )
+
+
+def print_stack_check(report: dict[str, Any]) -> None:
+    seconds = report["seconds"]
+    console.print(
+        f"stack {report['stack']}: {report['objects']} objects "
+        f"({report['schema_validated']} schema-validated, {report['custom_objects']} custom), "
+        f"{report['helm_releases']} Helm releases, "
+        f"checkov {report['checkov']['passed']} passed / {len(report['checkov']['skipped'])} skipped "
+        f"with a reason, in {seconds['total']:.1f} s"
+    )
+    if report["failures"]:
+        console.print(
+            table(
+                "failures",
+                ("source", "rule", "subject", "message"),
+                ((f["source"], f["rule"], f["subject"], f["message"]) for f in report["failures"]),
+            )
+        )
+    console.print(verdict(report["ok"], "check passed" if report["ok"] else "CHECK FAILED"))

@@ -1,0 +1,1 @@
+"""Pulumi ComponentResources of the MAXIMUS platform, one module per component."""

@@ -1,0 +1,367 @@
+"""Baseline: the namespaces (Pod Security `restricted`, Istio injection), default-deny network policies
+with the allows each component needs, and least-privilege RBAC for admin, operator, readonly and the
+deploy tooling."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from infra.common import (
+    KUBE_DNS,
+    Component,
+    Platform,
+    bodies,
+    body,
+    from_namespace,
+    tcp,
+)
+
+POD_SECURITY_VERSION = "v1.31"
+ROLES = ("admin", "operator", "readonly")
+DEPLOY_ACCOUNT = "maximus-deploy"
+ANYWHERE = {"ipBlock": {"cidr": "0.0.0.0/0"}}
+API_SERVER_PORTS = (443, 6443)
+ISTIOD_PORTS = (15010, 15012, 15014, 15017)
+# CloudNativePG 9443; the Prometheus operator 10250; Kong's ingress controller 8080.
+WEBHOOK_PORTS = {"data": (9443,), "observability": (10250,), "gateway": (8080,)}
+
+
+@dataclass(frozen=True)
+class BaselineArgs:
+    platform: Platform
+    app_port: int
+    service_name: str
+    after: Sequence[pulumi.Resource] = field(default_factory=tuple)
+
+
+def _namespace_labels(platform: Platform, namespace: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Labels and annotations of one namespace: what Pod Security enforces and whether Istio injects."""
+    ns = platform.namespaces
+    labels = {
+        "pod-security.kubernetes.io/enforce": "restricted",
+        "pod-security.kubernetes.io/enforce-version": POD_SECURITY_VERSION,
+        "pod-security.kubernetes.io/audit": "restricted",
+        "pod-security.kubernetes.io/warn": "restricted",
+    }
+    annotations: dict[str, str] = {}
+    if namespace in (ns.app, ns.gateway):
+        labels["istio-injection"] = "enabled"
+    elif namespace == ns.data:
+        labels["istio-injection"] = "disabled"
+        annotations["maximus.io/istio-injection-reason"] = (
+            "PostgreSQL, Redis and Kafka speak their own TLS and replication protocols; operator-to-instance "
+            "traffic and operator Jobs break behind sidecars. Clients in the mesh reach them directly."
+        )
+    elif namespace == ns.observability:
+        annotations["maximus.io/istio-injection-reason"] = (
+            "injection per pod: only Prometheus carries an outbound-only sidecar, for the certificates "
+            "it scrapes meshed workloads with under STRICT mTLS"
+        )
+    elif namespace == ns.mesh:
+        labels["pod-security.kubernetes.io/enforce"] = "privileged"
+        annotations["maximus.io/pod-security-reason"] = (
+            "the istio-cni node agent installs the CNI plugin on every node (hostPath, privileged); it is "
+            "what lets every other namespace run `restricted` without NET_ADMIN init containers"
+        )
+    return labels, annotations
+
+
+class Baseline(Component):
+    """Namespaces, network policies, service accounts and RBAC of one environment."""
+
+    def __init__(self, name: str, args: BaselineArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("Baseline", name, args.platform, args.after, opts)
+        self.args = args
+        ns = args.platform.namespaces
+        self.namespaces: dict[str, k8s.core.v1.Namespace] = {}
+        for namespace in ns.platform():
+            labels, annotations = _namespace_labels(args.platform, namespace)
+            self.namespaces[namespace] = k8s.core.v1.Namespace(
+                self.rname(f"ns-{namespace}"),
+                metadata=self.meta(namespace, None, labels=labels, annotations=annotations),
+                opts=self.opts(),
+            )
+        self.ready: list[pulumi.Resource] = list(self.namespaces.values())
+        self._network_policies()
+        self._rbac()
+        self.register_outputs({"namespaces": list(self.namespaces)})
+
+    # --- network policies -------------------------------------------------------------------------
+
+    def _policy(self, namespace: str, name: str, spec: dict[str, Any]) -> None:
+        k8s.networking.v1.NetworkPolicy(
+            self.rname(f"netpol-{namespace}-{name}"),
+            metadata=self.meta(name, namespace),
+            spec=body(spec),
+            opts=self.opts(depends_on=[self.namespaces[namespace]]),
+        )
+
+    def _network_policies(self) -> None:
+        ns = self.platform.namespaces
+        port = self.args.app_port
+        everyone = [from_namespace(n) for n in ns.platform()]
+        for namespace in ns.platform():
+            self._policy(namespace, "default-deny", {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]})
+            egress: list[dict[str, Any]] = [
+                {
+                    "to": [KUBE_DNS],
+                    "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+                },
+            ]
+            if namespace != ns.mesh:
+                egress.append({"to": [from_namespace(ns.mesh)], "ports": tcp(15012, 15010)})
+            self._policy(
+                namespace,
+                "allow-dns-and-mesh",
+                {"podSelector": {}, "policyTypes": ["Egress"], "egress": egress},
+            )
+        same_namespace: dict[str, Any] = {"podSelector": {}}
+        # Stateful tiers, the observability stack, the gateway and the mesh talk inside their namespace.
+        for namespace in (ns.data, ns.observability, ns.gateway, ns.mesh):
+            self._policy(
+                namespace,
+                "allow-same-namespace",
+                {
+                    "podSelector": {},
+                    "policyTypes": ["Ingress", "Egress"],
+                    "ingress": [{"from": [same_namespace]}],
+                    "egress": [{"to": [same_namespace]}],
+                },
+            )
+        # Operators, Prometheus discovery, the ingress controller and istiod read the Kubernetes API.
+        for namespace in (ns.data, ns.observability, ns.gateway, ns.mesh):
+            self._policy(
+                namespace,
+                "allow-api-server",
+                {
+                    "podSelector": {},
+                    "policyTypes": ["Egress"],
+                    "egress": [{"to": [ANYWHERE], "ports": tcp(*API_SERVER_PORTS)}],
+                },
+            )
+        # Admission webhooks: the API server (outside any namespace) calls the operators' webhooks.
+        for namespace, ports in (
+            (ns.data, WEBHOOK_PORTS["data"]),
+            (ns.observability, WEBHOOK_PORTS["observability"]),
+            (ns.gateway, WEBHOOK_PORTS["gateway"]),
+        ):
+            self._policy(
+                namespace,
+                "allow-admission-webhooks",
+                {
+                    "podSelector": {},
+                    "policyTypes": ["Ingress"],
+                    "ingress": [{"from": [ANYWHERE], "ports": tcp(*ports)}],
+                },
+            )
+        # Application: from the gateway and Prometheus in; to the data stores and the tracing collector out.
+        self._policy(
+            ns.app,
+            "allow-app",
+            {
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": self.args.service_name}},
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": [
+                    {"from": [from_namespace(ns.gateway)], "ports": tcp(port)},
+                    {"from": [from_namespace(ns.observability)], "ports": tcp(port, 15020, 15090)},
+                ],
+                "egress": [
+                    {"to": [from_namespace(ns.data)], "ports": tcp(5432, 6379, 9092)},
+                    {"to": [from_namespace(ns.observability)], "ports": tcp(4317, 4318, 5778)},
+                ],
+            },
+        )
+        # Data stores: clients from the application, scrapes from Prometheus, base backups and WAL to S3.
+        self._policy(
+            ns.data,
+            "allow-data",
+            {
+                "podSelector": {},
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": [
+                    {"from": [from_namespace(ns.app)], "ports": tcp(5432, 6379, 9092)},
+                    {"from": [from_namespace(ns.observability)], "ports": tcp(9187, 9404, 8080)},
+                ],
+                "egress": [
+                    {"to": [ANYWHERE], "ports": tcp(443)},
+                    {"to": [from_namespace(ns.observability)], "ports": tcp(4317, 4318)},
+                ],
+            },
+        )
+        # Observability: spans in from every namespace; scrapes out to every namespace; alerts out (443).
+        self._policy(
+            ns.observability,
+            "allow-observability",
+            {
+                "podSelector": {},
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": [{"from": everyone, "ports": tcp(4317, 4318, 5778)}],
+                "egress": [{"to": everyone}, {"to": [ANYWHERE], "ports": tcp(443)}],
+            },
+        )
+        # Gateway: clients from anywhere on the TLS proxy port; out to the application; scraped by Prometheus.
+        self._policy(
+            ns.gateway,
+            "allow-gateway",
+            {
+                "podSelector": {},
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": [
+                    {"from": [ANYWHERE], "ports": tcp(8443)},
+                    {"from": [from_namespace(ns.observability)], "ports": tcp(8100, 15020, 15090)},
+                ],
+                "egress": [
+                    {"to": [from_namespace(ns.app)], "ports": tcp(port)},
+                    {"to": [from_namespace(ns.observability)], "ports": tcp(4317, 4318)},
+                ],
+            },
+        )
+        # Mesh: every sidecar reaches istiod; the API server calls its webhook; Prometheus scrapes it.
+        self._policy(
+            ns.mesh,
+            "allow-istiod",
+            {
+                "podSelector": {"matchLabels": {"app": "istiod"}},
+                "policyTypes": ["Ingress"],
+                "ingress": [
+                    {"from": everyone, "ports": tcp(*ISTIOD_PORTS)},
+                    {"from": [ANYWHERE], "ports": tcp(15017)},
+                ],
+            },
+        )
+
+    # --- RBAC ----------------------------------------------------------------------------------------
+
+    def _rules(self, role: str) -> list[dict[str, Any]]:
+        """Least privilege per role; nothing may read Secrets but admin, nobody may edit RBAC."""
+        read = ["get", "list", "watch"]
+        core = ["pods", "services", "endpoints", "configmaps", "persistentvolumeclaims", "events"]
+        apps = ["deployments", "statefulsets", "replicasets"]
+        crds: list[tuple[str, list[str]]] = [
+            ("postgresql.cnpg.io", ["clusters", "backups", "scheduledbackups"]),
+            ("kafka.strimzi.io", ["kafkas", "kafkanodepools", "kafkatopics"]),
+            ("networking.istio.io", ["virtualservices", "destinationrules"]),
+            ("security.istio.io", ["peerauthentications", "authorizationpolicies"]),
+            ("monitoring.coreos.com", ["servicemonitors", "podmonitors", "prometheusrules"]),
+            ("configuration.konghq.com", ["kongplugins", "kongconsumers"]),
+        ]
+        rules: list[dict[str, Any]] = [
+            {"apiGroups": [""], "resources": core, "verbs": read},
+            {"apiGroups": ["apps"], "resources": apps, "verbs": read},
+            {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"], "verbs": read},
+            {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": read},
+            {
+                "apiGroups": ["networking.k8s.io"],
+                "resources": ["networkpolicies", "ingresses"],
+                "verbs": read,
+            },
+            *({"apiGroups": [group], "resources": names, "verbs": read} for group, names in crds),
+        ]
+        if role in ("operator", "admin"):
+            rules += [
+                {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["delete"]},
+                {
+                    "apiGroups": ["apps"],
+                    "resources": ["deployments/scale", "statefulsets/scale"],
+                    "verbs": ["get", "patch", "update"],
+                },
+                {"apiGroups": ["postgresql.cnpg.io"], "resources": ["backups"], "verbs": ["create"]},
+            ]
+        if role == "admin":
+            write = ["create", "update", "patch", "delete"]
+            rules += [
+                {
+                    "apiGroups": [""],
+                    "resources": ["services", "configmaps", "secrets", "persistentvolumeclaims"],
+                    "verbs": [*read, *write],
+                },
+                {"apiGroups": ["apps"], "resources": apps, "verbs": write},
+                {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"], "verbs": write},
+                {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": write},
+                *({"apiGroups": [group], "resources": names, "verbs": write} for group, names in crds),
+            ]
+        return rules
+
+    def _rbac(self) -> None:
+        ns = self.platform.namespaces
+        for namespace in (ns.app, ns.data, ns.observability, ns.gateway):
+            for role in ROLES:
+                name = f"maximus-{role}"
+                k8s.rbac.v1.Role(
+                    self.rname(f"role-{namespace}-{role}"),
+                    metadata=self.meta(name, namespace),
+                    rules=bodies(self._rules(role)),
+                    opts=self.opts(depends_on=[self.namespaces[namespace]]),
+                )
+                k8s.rbac.v1.RoleBinding(
+                    self.rname(f"rolebinding-{namespace}-{role}"),
+                    metadata=self.meta(name, namespace),
+                    role_ref=body({"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name}),
+                    subjects=bodies(
+                        [
+                            {
+                                "apiGroup": "rbac.authorization.k8s.io",
+                                "kind": "Group",
+                                "name": f"maximus:{role}",
+                            }
+                        ]
+                    ),
+                    opts=self.opts(depends_on=[self.namespaces[namespace]]),
+                )
+        # The deploy tooling (invoke deploy / rollback): reads what a cutover looks at, patches only the
+        # two color Deployments (the idle color's image) and the one VirtualService (weights, active color).
+        app = self.args.service_name
+        k8s.core.v1.ServiceAccount(
+            self.rname("deploy-sa"),
+            metadata=self.meta(DEPLOY_ACCOUNT, ns.app),
+            automount_service_account_token=False,
+            opts=self.opts(depends_on=[self.namespaces[ns.app]]),
+        )
+        deploy_rules = [
+            {
+                "apiGroups": [""],
+                "resources": ["pods", "services", "endpoints"],
+                "verbs": ["get", "list", "watch"],
+            },
+            {
+                "apiGroups": ["apps"],
+                "resources": ["deployments", "replicasets"],
+                "verbs": ["get", "list", "watch"],
+            },
+            {
+                "apiGroups": ["apps"],
+                "resources": ["deployments"],
+                "resourceNames": [f"{app}-blue", f"{app}-green"],
+                "verbs": ["patch"],
+            },
+            {
+                "apiGroups": ["networking.istio.io"],
+                "resources": ["virtualservices", "destinationrules"],
+                "verbs": ["get", "list", "watch"],
+            },
+            {
+                "apiGroups": ["networking.istio.io"],
+                "resources": ["virtualservices"],
+                "resourceNames": [app],
+                "verbs": ["patch"],
+            },
+        ]
+        k8s.rbac.v1.Role(
+            self.rname("deploy-role"),
+            metadata=self.meta(DEPLOY_ACCOUNT, ns.app),
+            rules=bodies(deploy_rules),
+            opts=self.opts(depends_on=[self.namespaces[ns.app]]),
+        )
+        k8s.rbac.v1.RoleBinding(
+            self.rname("deploy-rolebinding"),
+            metadata=self.meta(DEPLOY_ACCOUNT, ns.app),
+            role_ref=body({"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": DEPLOY_ACCOUNT}),
+            subjects=bodies([{"kind": "ServiceAccount", "name": DEPLOY_ACCOUNT, "namespace": ns.app}]),
+            opts=self.opts(depends_on=[self.namespaces[ns.app]]),
+        )

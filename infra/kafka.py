@@ -1,0 +1,157 @@
+"""Kafka: the Strimzi operator (pinned chart) and a KRaft `Kafka` with one `KafkaNodePool` of combined
+controller+broker nodes, plus a `KafkaTopic` per topic the environment model declares."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pulumi
+
+from infra.common import (
+    KAFKA_CLUSTER,
+    Component,
+    Platform,
+    chart_values_resources,
+    resources,
+)
+from opskit.model import Resources
+
+STRIMZI_API = "kafka.strimzi.io/v1beta2"
+PLAIN_PORT = 9092
+TLS_PORT = 9093
+OPERATOR_SIZE = Resources(cpu_request="200m", memory_request="384Mi", cpu_limit="1", memory_limit="512Mi")
+
+
+@dataclass(frozen=True)
+class KafkaArgs:
+    platform: Platform
+    after: Sequence[pulumi.Resource] = field(default_factory=tuple)
+
+
+def replication(brokers: int) -> tuple[int, int]:
+    """Replication factor and min.insync.replicas for a cluster of `brokers` (3 and 2 from three up)."""
+    factor = min(brokers, 3)
+    return factor, 2 if factor >= 3 else 1
+
+
+class Kafka(Component):
+    def __init__(self, name: str, args: KafkaArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("Kafka", name, args.platform, args.after, opts)
+        env = args.platform.env
+        ns = args.platform.namespaces.data
+        component = env.components["kafka"]
+        brokers = component.instances
+        factor, min_isr = replication(brokers)
+        version = env.platform.images.kafka
+        operator = self.helm_release(
+            "operator",
+            "maximus-strimzi",
+            env.platform.charts.strimzi,
+            ns,
+            {
+                "watchNamespaces": [],
+                "watchAnyNamespace": False,
+                "resources": chart_values_resources(OPERATOR_SIZE),
+                "fullReconciliationIntervalMs": 120000,
+                # Every pod Strimzi creates meets Pod Security `restricted` (the namespace enforces it).
+                "extraEnvs": [{"name": "STRIMZI_POD_SECURITY_PROVIDER_CLASS", "value": "restricted"}],
+            },
+        )
+        cluster_label = {"strimzi.io/cluster": KAFKA_CLUSTER}
+        pool_template: dict[str, object] = {}
+        if brokers > 1:
+            pool_template = {
+                "pod": {
+                    "affinity": {
+                        "podAntiAffinity": {
+                            "requiredDuringSchedulingIgnoredDuringExecution": [
+                                {
+                                    "labelSelector": {
+                                        "matchLabels": {**cluster_label, "strimzi.io/kind": "Kafka"}
+                                    },
+                                    "topologyKey": "kubernetes.io/hostname",
+                                }
+                            ]
+                        }
+                    }
+                }
+            }
+        self.node_pool = self.custom(
+            "nodepool",
+            STRIMZI_API,
+            "KafkaNodePool",
+            self.meta("broker", ns, labels=cluster_label),
+            {
+                "replicas": brokers,
+                "roles": ["controller", "broker"],
+                "storage": {
+                    "type": "jbod",
+                    "volumes": [
+                        {
+                            "id": 0,
+                            "type": "persistent-claim",
+                            "size": f"{component.storage_gi}Gi",
+                            "deleteClaim": False,
+                            "kraftMetadata": "shared",
+                        }
+                    ],
+                },
+                "resources": resources(env.platform.sizes.kafka),
+                **({"template": pool_template} if pool_template else {}),
+            },
+            depends_on=[operator],
+        )
+        self.kafka = self.custom(
+            "cluster",
+            STRIMZI_API,
+            "Kafka",
+            self.meta(
+                KAFKA_CLUSTER,
+                ns,
+                annotations={"strimzi.io/node-pools": "enabled", "strimzi.io/kraft": "enabled"},
+            ),
+            {
+                "kafka": {
+                    "version": version,
+                    "metadataVersion": f"{'.'.join(version.split('.')[:2])}-IV0",
+                    "listeners": [
+                        {"name": "plain", "port": PLAIN_PORT, "type": "internal", "tls": False},
+                        {"name": "tls", "port": TLS_PORT, "type": "internal", "tls": True},
+                    ],
+                    "config": {
+                        "default.replication.factor": factor,
+                        "min.insync.replicas": min_isr,
+                        "offsets.topic.replication.factor": factor,
+                        "transaction.state.log.replication.factor": factor,
+                        "transaction.state.log.min.isr": min_isr,
+                        "auto.create.topics.enable": False,
+                    },
+                },
+                "entityOperator": {
+                    "topicOperator": {"resources": resources(OPERATOR_SIZE)},
+                    "userOperator": {"resources": resources(OPERATOR_SIZE)},
+                },
+            },
+            depends_on=[operator, self.node_pool],
+        )
+        for topic in env.platform.kafka.topics:
+            self.custom(
+                f"topic-{topic.name}",
+                STRIMZI_API,
+                "KafkaTopic",
+                self.meta(topic.name.replace(".", "-"), ns, labels=cluster_label),
+                {
+                    "topicName": topic.name,
+                    "partitions": topic.partitions,
+                    "replicas": factor,
+                    "config": {
+                        "retention.ms": topic.retention_hours * 3_600_000,
+                        "min.insync.replicas": min_isr,
+                        "cleanup.policy": "delete",
+                    },
+                },
+                depends_on=[self.kafka],
+            )
+        self.bootstrap = f"{KAFKA_CLUSTER}-kafka-bootstrap.{ns}.svc.cluster.local:{PLAIN_PORT}"
+        self.register_outputs({"bootstrap": self.bootstrap})

@@ -1,0 +1,177 @@
+"""Redis: a StatefulSet of the official image at an exact tag, AOF (and RDB) on a persistent volume,
+the password from a Pulumi secret mounted as a file, a Service, and a PodDisruptionBudget in production.
+
+Why no operator: one primary with AOF is what the platform runs (a cache with durable AOF, no Sentinel
+or Cluster mode); an operator would add CRDs, its own images and an upgrade path for no feature used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from infra.common import (
+    NONROOT_UID,
+    REDIS_NAME,
+    Component,
+    Platform,
+    body,
+    checkov_skips,
+    container_security,
+    pod_security,
+    resources,
+    selector,
+)
+
+PORT = 6379
+AUTH_SECRET = "maximus-redis-auth"  # noqa: S105 - a Secret's name
+CONFIG = """\
+# Rendered by infra/redis.py: AOF every second plus RDB snapshots, data under /data.
+dir /data
+appendonly yes
+appendfsync everysec
+aof-use-rdb-preamble yes
+save 3600 1 300 100 60 10000
+protected-mode yes
+port 6379
+include /etc/redis/secret/auth.conf
+"""
+PING = 'REDISCLI_AUTH="$(cat /etc/redis/secret/password)" redis-cli -h 127.0.0.1 ping | grep -q PONG'
+
+
+@dataclass(frozen=True)
+class RedisArgs:
+    platform: Platform
+    password: pulumi.Output[str]
+    after: Sequence[pulumi.Resource] = field(default_factory=tuple)
+
+
+class Redis(Component):
+    def __init__(self, name: str, args: RedisArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("Redis", name, args.platform, args.after, opts)
+        env = args.platform.env
+        ns = args.platform.namespaces.data
+        component = env.components["redis"]
+        labels = selector("redis", REDIS_NAME)
+        config = k8s.core.v1.ConfigMap(
+            self.rname("config"),
+            metadata=self.meta(f"{REDIS_NAME}-config", ns),
+            data={"redis.conf": CONFIG},
+            opts=self.opts(),
+        )
+        auth = k8s.core.v1.Secret(
+            self.rname("auth"),
+            metadata=self.meta(AUTH_SECRET, ns),
+            type="Opaque",
+            string_data={
+                "password": args.password,
+                "auth.conf": args.password.apply(lambda p: f"requirepass {p}\n"),
+            },
+            opts=self.opts(),
+        )
+        probe_exec = {"exec": {"command": ["sh", "-c", PING]}}
+        container = {
+            "name": "redis",
+            "image": f"redis:{env.platform.images.redis}",
+            "imagePullPolicy": "Always",
+            "command": ["redis-server", "/etc/redis/redis.conf"],
+            "ports": [{"name": "tcp-redis", "containerPort": PORT, "protocol": "TCP"}],
+            "resources": resources(env.platform.sizes.redis),
+            "securityContext": container_security(),
+            "readinessProbe": {**probe_exec, "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3},
+            "livenessProbe": {
+                "tcpSocket": {"port": PORT},
+                "initialDelaySeconds": 10,
+                "periodSeconds": 15,
+                "timeoutSeconds": 3,
+                "failureThreshold": 4,
+            },
+            "startupProbe": {**probe_exec, "periodSeconds": 5, "failureThreshold": 60},
+            "volumeMounts": [
+                {"name": "data", "mountPath": "/data"},
+                {
+                    "name": "config",
+                    "mountPath": "/etc/redis/redis.conf",
+                    "subPath": "redis.conf",
+                    "readOnly": True,
+                },
+                {"name": "auth", "mountPath": "/etc/redis/secret", "readOnly": True},
+                {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - a private emptyDir
+            ],
+        }
+        pod_labels = {**self.platform.labels("redis", REDIS_NAME)}
+        self.statefulset = k8s.apps.v1.StatefulSet(
+            self.rname("statefulset"),
+            metadata=self.meta(
+                REDIS_NAME,
+                ns,
+                annotations=checkov_skips(
+                    (
+                        "CKV_K8S_43",
+                        "the official image is pinned to an exact release tag from the environment model",
+                    ),
+                ),
+            ),
+            spec=body(
+                {
+                    "serviceName": REDIS_NAME,
+                    "replicas": 1,
+                    "selector": {"matchLabels": labels},
+                    "podManagementPolicy": "OrderedReady",
+                    "updateStrategy": {"type": "RollingUpdate"},
+                    "template": {
+                        "metadata": {"labels": pod_labels},
+                        "spec": {
+                            "automountServiceAccountToken": False,
+                            "securityContext": {
+                                **pod_security(NONROOT_UID),
+                                "fsGroupChangePolicy": "OnRootMismatch",
+                            },
+                            "terminationGracePeriodSeconds": 30,
+                            "containers": [container],
+                            "volumes": [
+                                {"name": "config", "configMap": {"name": f"{REDIS_NAME}-config"}},
+                                {"name": "auth", "secret": {"secretName": AUTH_SECRET, "defaultMode": 0o440}},
+                                {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+                            ],
+                        },
+                    },
+                    "volumeClaimTemplates": [
+                        {
+                            "metadata": {"name": "data", "labels": labels},
+                            "spec": {
+                                "accessModes": ["ReadWriteOnce"],
+                                "resources": {"requests": {"storage": f"{component.storage_gi}Gi"}},
+                            },
+                        }
+                    ],
+                }
+            ),
+            opts=self.opts(depends_on=[config, auth]),
+        )
+        k8s.core.v1.Service(
+            self.rname("service"),
+            metadata=self.meta(REDIS_NAME, ns),
+            spec=body(
+                {
+                    "selector": labels,
+                    "ports": [
+                        {"name": "tcp-redis", "port": PORT, "targetPort": "tcp-redis", "protocol": "TCP"}
+                    ],
+                }
+            ),
+            opts=self.opts(),
+        )
+        if env.name == "production":
+            # One primary: a voluntary eviction (node drain) waits until someone moves Redis on purpose.
+            k8s.policy.v1.PodDisruptionBudget(
+                self.rname("pdb"),
+                metadata=self.meta(REDIS_NAME, ns),
+                spec=body({"minAvailable": 1, "selector": {"matchLabels": labels}}),
+                opts=self.opts(),
+            )
+        self.host = f"{REDIS_NAME}.{ns}.svc.cluster.local"
+        self.register_outputs({"host": self.host})
