@@ -13,6 +13,7 @@ program exactly as in a real run, and anything that would leak it in plaintext i
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -193,6 +194,14 @@ def stack_file(stack: str) -> Path:
     return path
 
 
+def ensure_event_loop() -> None:
+    """Pulumi's runtime asks for the current event loop; after an `asyncio.run` there is none."""
+    try:
+        asyncio.get_event_loop_policy().get_event_loop()
+    except RuntimeError:
+        asyncio.set_event_loop(asyncio.new_event_loop())
+
+
 def run_stack(
     stack: str, config: Mapping[str, str] | None = None, secret_keys: list[str] | None = None
 ) -> StackRun:
@@ -201,6 +210,7 @@ def run_stack(
         config, secret_keys = stack_config(stack)
     elif stack not in STACKS:
         stack_file(stack)
+    ensure_event_loop()
     mock = _Mocks()
     monitor = _RecordingMonitor(mock)
     settings.ROOT.set(None)

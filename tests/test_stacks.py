@@ -565,6 +565,7 @@ def test_an_unknown_stack_lists_the_accepted_ones() -> None:
 
 def test_the_thin_main_turns_bad_input_into_one_pulumi_error() -> None:
     config, secrets = config_with("staging", grafanaAdminPassword=None)
+    stack.ensure_event_loop()
     pulumi.runtime.settings.ROOT.set(None)
     monitor = stack._RecordingMonitor(stack._Mocks())
     pulumi.runtime.mocks.set_mocks(
