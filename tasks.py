@@ -105,6 +105,118 @@ def demo(c: Context, env: str = "local", json: bool = False) -> None:
             raise Exit("demo: a step failed; see above", code=1)
 
 
+@task(
+    help={
+        "env": ENV_HELP,
+        "version": "the release to deploy (releases/<service>.yaml lists them)",
+        "ticket": "the change ticket; required where the environment's policy says so (production)",
+        "inject": "drills, local only: faults of the new release, e.g. error-rate=0.3,latency-ms=500",
+        "yes": "do not ask for confirmation",
+        "resume": "continue an interrupted or held deploy from the step it stopped at",
+        "abort": "undo an interrupted or held deploy: traffic back on the previous color, new one stopped",
+        "dry_run": "print the plan and change nothing",
+        "break_stale_lock": "break a lock left by a process that is no longer running",
+        "json": JSON_HELP,
+    }
+)
+def deploy(
+    c: Context,
+    env: str = "local",
+    version: str | None = None,
+    ticket: str | None = None,
+    inject: str | None = None,
+    yes: bool = False,
+    resume: bool = False,
+    abort: bool = False,
+    dry_run: bool = False,
+    break_stale_lock: bool = False,
+    json: bool = False,
+) -> None:
+    """Blue-green deploy: release on the idle color, analysis, atomic switch, analysis, previous kept warm."""
+    with contract():
+        from opskit import deploy as deployments
+
+        report = deployments.deploy(
+            load_environment(env),
+            version,
+            ticket=ticket,
+            inject=inject,
+            resume=resume,
+            abort=abort,
+            dry_run=dry_run,
+            break_stale_lock=break_stale_lock,
+            events=None if json else output.event_line,
+        )
+        if json:
+            output.print_json(report.as_dict())
+        else:
+            output.print_deploy(report.as_dict())
+        if not report.ok:
+            raise Exit(f"deploy {report.outcome}: {report.reason}", code=1)
+
+
+@task(
+    help={
+        "env": ENV_HELP,
+        "reason": "why: recorded in the audit log and sent with the notification",
+        "force": "roll back although the release ran a breaking migration (restore the database first)",
+        "break_stale_lock": "break a lock left by a process that is no longer running",
+        "json": JSON_HELP,
+    }
+)
+def rollback(
+    c: Context,
+    env: str = "local",
+    reason: str | None = None,
+    force: bool = False,
+    break_stale_lock: bool = False,
+    json: bool = False,
+) -> None:
+    """Back to the previous release at once: one switch when its color is warm, else a redeploy of it."""
+    with contract():
+        from opskit import deploy as deployments
+
+        report = deployments.rollback(
+            load_environment(env), reason=reason, force=force, break_stale_lock=break_stale_lock
+        )
+        if json:
+            output.print_json(report.as_dict())
+        else:
+            output.console.print(
+                f"rollback {report.environment}: {report.from_color} -> {report.to_color} "
+                f"({report.version}) by {report.path} in {report.seconds:.3f} s; "
+                f"verified {report.verified}; notified via {report.notified}"
+            )
+        if not report.verified:
+            raise Exit("rollback: the edge does not serve the previous release; `invoke status`", code=1)
+
+
+@task(help={"env": ENV_HELP, "json": JSON_HELP})
+def audit_verify(c: Context, env: str = "local", json: bool = False) -> None:
+    """Verify the audit log's hash chain; exit 1 naming the first changed, inserted or deleted record."""
+    with contract():
+        from opskit import audit, kuberollout
+
+        environment = load_environment(env)
+        log = (
+            kuberollout.audit_log(environment)
+            if environment.kind == "kubernetes"
+            else audit.for_environment(environment)
+        )
+        synced = log.sync()
+        report = log.verify()
+        if json:
+            output.print_json({**report.as_dict(), "synced_from_spool": synced})
+        else:
+            output.console.print(
+                output.verdict(report.ok, f"audit log intact: {report.records} records")
+                if report.ok
+                else output.verdict(False, f"record {report.first_bad}: {report.reason}")
+            )
+        if not report.ok:
+            raise Exit(f"audit log of {env}: record {report.first_bad} is bad: {report.reason}", code=1)
+
+
 STACK_HELP = "the stack: staging or production"
 
 
@@ -158,3 +270,8 @@ namespace.add_collection(stack)
 namespace.add_task(status)
 namespace.add_task(health)
 namespace.add_task(demo)
+namespace.add_task(deploy)
+namespace.add_task(rollback)
+audit_tasks = Collection("audit")
+audit_tasks.add_task(audit_verify, name="verify")
+namespace.add_collection(audit_tasks)

@@ -10,11 +10,13 @@ from typing import Any
 import httpx
 from rich.progress import Progress
 
-from opskit import envstate, health, localenv, output, status, traffic
+from opskit import deploy, envstate, health, localenv, output, status, traffic
 from opskit.errors import OpsError
 from opskit.model import Environment
+from opskit.traffic import SteadyLoad
 
 BURST_REQUESTS = 400
+DEMO_RPS = 100
 
 
 @dataclass
@@ -104,16 +106,71 @@ def run(env: Environment, quiet: bool = False) -> DemoReport:
             summary,
         )
 
-    for name, body in (
+    def good_release() -> tuple[bool, str, dict[str, Any]]:
+        version = _next_release(env)
+        with SteadyLoad(localenv.endpoints(env)["edge"], rps=DEMO_RPS) as load:
+            result = deploy.deploy(env, version, events=None if quiet else output.event_line)
+        served = _edge_version(env)
+        ok = result.outcome == "done" and load.report.failed == 0 and served == version
+        detail = (
+            f"{version} deployed to {result.to_color}: {result.outcome}; under load {load.report.total} "
+            f"requests, {load.report.failed} failed; the edge serves {served}"
+        )
+        return ok, detail, {"deploy": result.as_dict(), "load": load.report.as_dict()}
+
+    def bad_release() -> tuple[bool, str, dict[str, Any]]:
+        before = _edge_version(env)
+        version = _next_release(env)
+        with SteadyLoad(localenv.endpoints(env)["edge"], rps=DEMO_RPS) as load:
+            result = deploy.deploy(
+                env, version, inject="error-rate=0.3", events=None if quiet else output.event_line
+            )
+        served = _edge_version(env)
+        ok = result.outcome in ("aborted", "rolled-back") and served == before
+        detail = (
+            f"{version} with 30% errors injected: {result.outcome} ({result.reason}); the edge still serves "
+            f"{served}; {load.report.failed} of {load.report.total} requests failed meanwhile"
+        )
+        return ok, detail, {"deploy": result.as_dict(), "load": load.report.as_dict()}
+
+    def manual_rollback() -> tuple[bool, str, dict[str, Any]]:
+        result = deploy.rollback(env, reason="demo: on-call rolls back by hand")
+        served = _edge_version(env)
+        ok = result.verified and served == result.version
+        detail = (
+            f"{result.from_color} -> {result.to_color} by {result.path} in {result.seconds:.3f} s; "
+            f"the edge serves {served}; notified via {result.notified}"
+        )
+        return ok, detail, result.as_dict()
+
+    steps: tuple[tuple[str, StepBody], ...] = (
         ("provision", provision),
         ("status", show_status),
         ("health", check_health),
         ("a decision through the edge", decide),
         ("traffic through the edge", send_traffic),
-    ):
+        ("a good release under load", good_release),
+        ("a manual rollback", manual_rollback),
+        ("a bad release, rejected", bad_release),
+        ("status after the story", show_status),
+    )
+    for name, body in steps:
         if not step(name, body) and name in ("provision", "health"):
             break
     return report
+
+
+def _next_release(env: Environment) -> str:
+    """The next release after the one serving, skipping breaking migrations (the demo restores nothing)."""
+    catalogue = [v for v, migration in deploy.releases(env).items() if migration != "breaking"]
+    state = envstate.read_state(env)
+    current = state.colors[state.active]["version"]
+    index = catalogue.index(current) if current in catalogue else -1
+    return catalogue[(index + 1) % len(catalogue)]
+
+
+def _edge_version(env: Environment) -> str | None:
+    return traffic.served_version(localenv.endpoints(env)["edge"])
 
 
 def _decide_one(edge: str) -> tuple[bool, str, dict[str, Any]]:

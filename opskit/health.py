@@ -145,18 +145,21 @@ def _redis(env: Environment) -> Probe:
 
 def _haproxy(env: Environment, active: str) -> Probe:
     url = f"http://127.0.0.1:{env.local_ports.haproxy_stats}/stats;csv"
+    backend = f"{localenv.EDGE_BACKEND}_{active}"
 
     async def probe() -> str:
         async with httpx.AsyncClient(timeout=None) as client:  # noqa: S113 - bounded by the check's timeout
             response = await client.get(url)
         response.raise_for_status()
         rows = list(csv.DictReader(io.StringIO(response.text.lstrip("# "))))
-        status = {r["svname"]: r["status"] for r in rows if r.get("pxname") == localenv.EDGE_BACKEND}
-        if not status:
-            raise OperationFailed(f"backend {localenv.EDGE_BACKEND!r} missing from the stats")
-        if not status.get(active, "").startswith("UP"):
-            raise OperationFailed(f"active server {active} is {status.get(active, 'missing')}")
-        return f"edge routes to {active} ({status[active]})"
+        status = next(
+            (r["status"] for r in rows if r.get("pxname") == backend and r["svname"] == active), None
+        )
+        if status is None:
+            raise OperationFailed(f"server {backend}/{active} missing from the stats")
+        if not status.startswith("UP"):
+            raise OperationFailed(f"active server {active} is {status}")
+        return f"edge routes to {active} ({status})"
 
     return probe
 

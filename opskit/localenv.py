@@ -24,7 +24,8 @@ import psutil
 
 from opskit import envstate
 from opskit.errors import BadInput, OperationFailed
-from opskit.model import ROOT, Color, Environment
+from opskit.model import COLORS, ROOT, Environment
+from opskit.routers.haproxy import HAProxyRouter
 
 PLAYBOOK = ROOT / "playbooks" / "local.yml"
 ANSIBLE_CONFIG = ROOT / "playbooks" / "ansible.cfg"
@@ -81,6 +82,15 @@ def supervisord_pidfile(env: Environment) -> Path:
     return run_dir(env) / "supervisord.pid"
 
 
+def edge_map(env: Environment) -> Path:
+    """The HAProxy map holding the active color's backend."""
+    return etc_dir(env) / "edge.map"
+
+
+def router(env: Environment) -> HAProxyRouter:
+    return HAProxyRouter(haproxy_socket(env), edge_map(env), EDGE_BACKEND, COLORS)
+
+
 def haproxy_socket(env: Environment) -> Path:
     """The HAProxy runtime API (admin level) of the environment."""
     return run_dir(env) / "haproxy.sock"
@@ -100,7 +110,7 @@ def database_name(env: Environment) -> str:
     return env.service.name
 
 
-def program_name(env: Environment, color: Color) -> str:
+def program_name(env: Environment, color: str) -> str:
     """The supervisord program running the workload in `color`."""
     return f"workload-{color}"
 
@@ -335,16 +345,28 @@ def up(env: Environment, *, on_output: Callable[[str], None] | None = None) -> U
     preflight(env)
     state_path = env.state_path
     state_path.mkdir(parents=True, exist_ok=True)
-    state = envstate.read_state(env)
     if not state_file(env).exists():
-        envstate.write_state(env, state)
-    variables = playbook_vars(env, state)
+        envstate.write_state(env, envstate.read_state(env))
+    return _provision(env, (), on_output)
+
+
+def apply_colors(env: Environment, *, on_output: Callable[[str], None] | None = None) -> UpReport:
+    """Start, change or stop the workload colors to match state.json; nothing else is touched."""
+    if not running(env):
+        raise OperationFailed(
+            f"environment {env.name} is not running; run `invoke local.up --env {env.name}`"
+        )
+    return _provision(env, ("workload",), on_output)
+
+
+def _provision(env: Environment, tags: tuple[str, ...], on_output: Callable[[str], None] | None) -> UpReport:
+    variables = playbook_vars(env, envstate.read_state(env))
     started = time.monotonic()
     fd, vars_path = tempfile.mkstemp(prefix="maximus-vars-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as out:
             json.dump(variables, out)
-        run = _run_playbook(vars_path, on_output)
+        run = _run_playbook(vars_path, tags, on_output)
     finally:
         Path(vars_path).unlink(missing_ok=True)
     seconds = round(time.monotonic() - started, 2)
@@ -358,9 +380,10 @@ def up(env: Environment, *, on_output: Callable[[str], None] | None = None) -> U
     return UpReport(ok=ok, changed=changed, failed=failed, seconds=seconds)
 
 
-def _run_playbook(vars_path: str, on_output: Callable[[str], None] | None) -> _Run:
+def _run_playbook(vars_path: str, tags: tuple[str, ...], on_output: Callable[[str], None] | None) -> _Run:
     cmd = [
         str(Path(sys.executable).parent / "ansible-playbook"),
+        *(["--tags", ",".join(tags)] if tags else []),
         "--inventory",
         "localhost,",
         "--connection",

@@ -126,3 +126,33 @@ def print_stack_check(report: dict[str, Any]) -> None:
             )
         )
     console.print(verdict(report["ok"], "check passed" if report["ok"] else "CHECK FAILED"))
+
+
+def event_line(line: str) -> None:
+    console.print(f"[dim]{line}[/dim]", highlight=False)
+
+
+def print_deploy(report: dict[str, Any]) -> None:
+    console.print(
+        table(
+            f"deploy {report['id']} of {report['version']} on {report['environment']}: "
+            f"{report['from']} -> {report['to']}",
+            ("step", "at", "detail"),
+            ((s["step"], s["at"], s["detail"]) for s in report["steps"]),
+        )
+    )
+    for analysis in report["analyses"]:
+        console.print(
+            table(
+                f"analysis {analysis['phase']} of {analysis['color']} ({analysis['source']}): "
+                f"{analysis['outcome']}",
+                ("verdict", "measurement", "value", "threshold", "query"),
+                (
+                    (m["verdict"], m["name"], m["value"], m["threshold"], m["query"])
+                    for m in analysis["measurements"]
+                ),
+            )
+        )
+    console.print(
+        verdict(report["ok"], report["outcome"]) + (f": {report['reason']}" if report["reason"] else "")
+    )

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from opskit import envstate, localenv
-from opskit.errors import OperationFailed
+from opskit import envstate, kuberollout, localenv
 from opskit.model import Environment
 
 
 def environment_status(env: Environment) -> dict[str, Any]:
-    if env.kind != "local":
-        raise OperationFailed(
-            f"environment {env.name}: status of a {env.kind} environment needs cluster access, which this "
-            "machine has not; run it where the cluster's credentials are"
-        )
+    if env.kind == "kubernetes":
+        return kuberollout.status(env, kuberollout.client_for(env))
     state = envstate.read_state(env)
     processes = localenv.process_status(env)
     endpoints = localenv.endpoints(env)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -85,8 +86,76 @@ async def _burst(base_url: str, count: int, concurrency: int, tick: Callable[[],
     return report
 
 
+def served_version(base_url: str) -> str | None:
+    """The version that answers a request at `base_url` now (its X-App-Version), or None if none does."""
+    try:
+        value = httpx.get(base_url + "/version", timeout=REQUEST_TIMEOUT_S).headers.get("X-App-Version")
+    except httpx.HTTPError:
+        return None
+    return None if value is None else str(value)
+
+
 def burst(
     base_url: str, count: int = 200, concurrency: int = 8, tick: Callable[[], None] = lambda: None
 ) -> TrafficReport:
     """Send `count` read requests spread over the service's routes; a 5xx or no answer is a failure."""
     return asyncio.run(_burst(base_url, count, concurrency, tick))
+
+
+class SteadyLoad:
+    """Requests at a fixed rate from a background thread until the block ends; every outcome counted.
+
+    with SteadyLoad(edge_url, rps=200) as load:
+        ...  # cutovers, rollbacks
+    assert load.report.failed == 0
+    """
+
+    def __init__(
+        self, base_url: str, rps: float = 200, concurrency: int = 32, paths: tuple[str, ...] = READ_PATHS
+    ) -> None:
+        self.base_url = base_url
+        self.rps = rps
+        self.concurrency = concurrency
+        self.paths = paths
+        self.report = TrafficReport()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def __enter__(self) -> SteadyLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=REQUEST_TIMEOUT_S + 5)
+
+    async def _run(self) -> None:
+        slots = asyncio.Semaphore(self.concurrency)
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        started = time.perf_counter()
+        async with httpx.AsyncClient(
+            base_url=self.base_url, limits=limits, timeout=REQUEST_TIMEOUT_S
+        ) as client:
+
+            async def one(path: str) -> None:
+                begun = time.perf_counter()
+                try:
+                    response = await client.get(path)
+                    self.report.record(response, None, (time.perf_counter() - begun) * 1000)
+                except httpx.HTTPError as exc:
+                    self.report.record(None, type(exc).__name__, 0.0)
+                finally:
+                    slots.release()
+
+            pending: set[asyncio.Task[None]] = set()
+            sent = 0
+            while not self._stop.is_set():
+                due = started + sent / self.rps
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+                await slots.acquire()
+                task = asyncio.create_task(one(self.paths[sent % len(self.paths)]))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                sent += 1
+            await asyncio.gather(*pending)
+        self.report.seconds = time.perf_counter() - started

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -105,32 +104,17 @@ def test_postgres_data_is_private_and_scram_only(host: Any, local_env: Environme
     assert methods == {"scram-sha-256"}
 
 
-def _haproxy(env: Environment, command: str) -> str:
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(5)
-        sock.connect(str(localenv.haproxy_socket(env)))
-        sock.sendall(command.encode() + b"\n")
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks).decode()
-
-
 def test_haproxy_routes_to_the_active_color(host: Any, local_env: Environment) -> None:
     runtime = host.file(str(localenv.haproxy_socket(local_env)))
     assert runtime.is_socket and runtime.user == "maximus" and runtime.mode == 0o600
     active = json.loads(Path(localenv.state_file(local_env)).read_text())["active"]
 
-    lines = [line.split() for line in _haproxy(local_env, "show servers state").splitlines()]
-    servers = {fields[3]: fields for fields in lines if len(fields) > 6 and not fields[0].startswith("#")}
-    assert {(fields[1], fields[3]) for fields in servers.values()} == {
-        (localenv.EDGE_BACKEND, "blue"),
-        (localenv.EDGE_BACKEND, "green"),
-    }
-    # srv_op_state 2 = running; srv_admin_state 0 = enabled, anything else = maintenance
-    assert servers[active][5] == "2" and servers[active][6] == "0"
-    idle = "green" if active == "blue" else "blue"
-    assert servers[idle][6] != "0"
-
+    router = localenv.router(local_env)
+    assert router.routing().active == active
+    assert (
+        f"active {localenv.EDGE_BACKEND}_{active}"
+        in host.file(str(localenv.edge_map(local_env))).content_string
+    )
+    assert router.server_up(active)
     response = httpx.get(localenv.endpoints(local_env)["edge"] + "/version", timeout=5)
     assert response.headers["X-App-Color"] == active

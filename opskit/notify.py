@@ -1,0 +1,68 @@
+"""Telling people: an alert through Alertmanager, or straight to the environment's webhook when
+Alertmanager is away. Whatever happened, the caller learns which channel carried it (or none)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+
+from opskit.model import Environment
+
+TIMEOUT_S = 2.0
+RUNBOOKS = "runbooks"
+
+
+def _alert(
+    env: Environment, name: str, *, severity: str, summary: str, description: str, runbook: str
+) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    return {
+        "labels": {
+            "alertname": name,
+            "severity": severity,
+            "environment": env.name,
+            "service": env.service.name,
+        },
+        "annotations": {
+            "summary": summary,
+            "description": description,
+            "runbook_url": f"{RUNBOOKS}/{runbook}",
+        },
+        "startsAt": now.isoformat(),
+        "endsAt": (now + timedelta(hours=1)).isoformat(),
+    }
+
+
+def send(env: Environment, name: str, *, severity: str, summary: str, description: str, runbook: str) -> str:
+    """Deliver one alert; return the channel that took it: "alertmanager", "webhook" or "none"."""
+    alert = _alert(env, name, severity=severity, summary=summary, description=description, runbook=runbook)
+    if env.kind != "local":
+        return "none"
+    ports = env.local_ports
+    try:
+        response = httpx.post(
+            f"http://127.0.0.1:{ports.alertmanager}/api/v2/alerts", json=[alert], timeout=TIMEOUT_S
+        )
+        if response.status_code == 200:
+            return "alertmanager"
+    except httpx.HTTPError:
+        pass
+    payload = {
+        "version": "4",
+        "status": "firing",
+        "receiver": "direct",
+        "groupLabels": {"alertname": name},
+        "commonLabels": alert["labels"],
+        "commonAnnotations": alert["annotations"],
+        "alerts": [{**alert, "status": "firing"}],
+    }
+    try:
+        receiver = f"http://127.0.0.1:{ports.alert_receiver}/alerts"
+        response = httpx.post(receiver, json=payload, timeout=TIMEOUT_S)
+        if response.status_code < 300:
+            return "webhook"
+    except httpx.HTTPError:
+        pass
+    return "none"
