@@ -7,6 +7,7 @@ nothing changed; 3 another operation holds the environment's lock.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,11 +17,13 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import task
 
+from opskit import backup as backups
 from opskit import demo as demo_steps
 from opskit import health as health_checks
 from opskit import localenv, output
 from opskit import status as status_report
-from opskit.errors import OpsError
+from opskit.backup_kube import KubeBackupReport
+from opskit.errors import BadInput, OpsError
 from opskit.model import Environment, load_environment
 
 ENV_HELP = "environment name: local (the default), staging, production, or one in $MAXIMUS_ENVIRONMENTS_DIR"
@@ -256,6 +259,292 @@ def check(c: Context, stack: str, json: bool = False) -> None:
         report.raise_for_failures()
 
 
+@task(
+    help={
+        "env": ENV_HELP,
+        "profile": "a load profile of loadtests/profiles.yaml: smoke, baseline, stress or soak",
+        "ticket": "the change ticket; required where the environment's policy says so (production)",
+        "inject": "local only: load a temporary extra workload with these faults, e.g. latency-ms=500",
+        "json": JSON_HELP,
+    }
+)
+def loadtest(
+    c: Context,
+    env: str = "local",
+    profile: str = "smoke",
+    ticket: str | None = None,
+    inject: str | None = None,
+    json: bool = False,
+) -> None:
+    """Run a Locust profile headless; CSV, HTML and JSON in reports/; exit 1 naming each broken threshold."""
+    with contract():
+        from opskit import load
+
+        progress = None if json else output.console.print
+        report = load.run(load_environment(env), profile, ticket=ticket, inject=inject, progress=progress)
+        if json:
+            output.print_json(report.as_dict())
+        else:
+            output.console.print(
+                output.table(
+                    f"loadtest {report.environment}/{report.profile}: {report.target}",
+                    ("endpoint", "requests", "failures", "p50 ms", "p95 ms", "req/s"),
+                    (
+                        (name, s.requests, s.failures, s.p50_ms, s.p95_ms, s.rps)
+                        for name, s in report.endpoints.items()
+                    ),
+                )
+            )
+            output.console.print(
+                output.table(
+                    "thresholds",
+                    ("threshold", "limit", "measured", "verdict"),
+                    ((t.name, t.limit, t.measured, output.verdict(t.ok)) for t in report.checks),
+                )
+            )
+            output.console.print(f"reports: {', '.join(report.files.values())}", highlight=False)
+        report.raise_for_failures()
+
+
+@task(
+    help={
+        "allow_unverified": "exit 0 when a tool could not measure (pip-audit offline); printed UNVERIFIED",
+        "only": "only these tools, comma-separated: bandit, pip-audit, checkov, zizmor, ansible-lint, "
+        "detect-secrets",
+        "json": JSON_HELP,
+    }
+)
+def scan(c: Context, allow_unverified: bool = False, only: str | None = None, json: bool = False) -> None:
+    """bandit, pip-audit, checkov, zizmor, ansible-lint, detect-secrets: one summary, a report per tool."""
+    with contract():
+        from opskit import scan as scans
+
+        report = scans.run(scans.select(only, scans.default_scanners()), allow_unverified=allow_unverified)
+        if json:
+            output.print_json(report.as_dict())
+        else:
+            marks = {"pass": "pass", "fail": "FAIL", "unverified": "UNVERIFIED", "error": "ERROR"}
+            output.console.print(
+                output.table(
+                    "security scan",
+                    ("tool", "verdict", "findings", "seconds", "summary"),
+                    (
+                        (
+                            r.tool,
+                            output.verdict(r.status == "pass", marks[r.status]),
+                            r.findings,
+                            f"{r.seconds:.1f}",
+                            r.summary,
+                        )
+                        for r in report.results
+                    ),
+                )
+            )
+            for r in report.results:
+                for line in r.details[:20]:
+                    output.console.print(f"  {r.tool}: {line}", highlight=False, markup=False)
+            reports = ", ".join(Path(r.report_path).name for r in report.results if r.report_path)
+            output.console.print(f"reports in reports/: {reports}, scan-summary.json", highlight=False)
+            output.console.print(output.verdict(report.status == "pass", report.verdict))
+        report.raise_for_failures()
+
+
+BACKUP_ID_HELP = "backup id from `invoke db.list` (Kubernetes: a CloudNativePG Backup name)"
+
+
+def _confirm_live_restore(env_name: str, yes: bool) -> bool:
+    """--force needs the environment's name typed back (or --yes in CI)."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise BadInput("--force: no terminal to confirm on; add --yes to overwrite the live database")
+    typed = input(f"This replaces the live database and Redis of {env_name}. Type {env_name} to go on: ")
+    if typed.strip() != env_name:
+        raise BadInput("--force: the confirmation did not match; nothing changed")
+    return True
+
+
+@task(
+    name="backup",
+    help={
+        "env": ENV_HELP,
+        "json": JSON_HELP,
+        "break_stale_lock": "break the lock of an operation whose process is gone (after a crash or kill -9)",
+    },
+)
+def db_backup(c: Context, env: str = "local", json: bool = False, break_stale_lock: bool = False) -> None:
+    """Back up PostgreSQL and Redis (Kubernetes: an on-demand CloudNativePG backup), verified and listed."""
+    with contract():
+        report = backups.backup(
+            load_environment(env), show_progress=not json, break_stale_lock=break_stale_lock
+        )
+        if json:
+            output.print_json(report.as_dict())
+        else:
+            output.console.print(
+                f"db.backup {env}: {output.verdict(True, 'verified')} " + _backup_line(report)
+            )
+
+
+def _backup_line(report: backups.BackupReport | KubeBackupReport) -> str:
+    data = report.as_dict()
+    if "size" in data:
+        return (
+            f"{data['id']}: {data['tables']} tables, {data['rows']} rows, {data['redis_keys']} Redis keys, "
+            f"{data['size'] / 1e6:.1f} MB in {data['seconds']:.1f} s; key {data['key_id']}; {data['storage']}"
+        )
+    return f"{data['name']}: {data['phase']} in {data['seconds']:.0f} s; {data['kafka_topics']} Kafka topics"
+
+
+@task(name="list", help={"env": ENV_HELP, "json": JSON_HELP})
+def db_list(c: Context, env: str = "local", json: bool = False) -> None:
+    """List complete, verified backups, newest first."""
+    with contract():
+        rows = backups.list_backups(load_environment(env))
+        if json:
+            output.print_json(rows)
+            return
+        output.console.print(
+            output.table(
+                f"backups of {env}",
+                ("id", "started", "method", "MB", "seconds", "tables", "redis keys", "compression", "key id"),
+                (
+                    (
+                        r["id"],
+                        r["started_at"],
+                        r["method"],
+                        f"{(r['size'] or 0) / 1e6:.1f}",
+                        r["duration_seconds"],
+                        r["tables"],
+                        r["redis_keys"],
+                        r["compression"],
+                        r["key_id"],
+                    )
+                    for r in rows
+                ),
+            )
+        )
+
+
+@task(name="verify", help={"env": ENV_HELP, "backup": BACKUP_ID_HELP, "json": JSON_HELP})
+def db_verify(c: Context, backup: str, env: str = "local", json: bool = False) -> None:
+    """Verify a backup: manifest, sha256 of every file, decryption, pg_restore --list or pg_verifybackup."""
+    with contract():
+        report = backups.verify(load_environment(env), backup, show_progress=not json)
+        if json:
+            output.print_json(report.as_dict())
+        else:
+            for check in report.checks:
+                output.console.print(f"  {output.verdict(True, 'ok')} {check}")
+            for problem in report.problems:
+                output.console.print(f"  {output.verdict(False)} {problem}")
+            output.console.print(
+                output.verdict(report.ok, "verified" if report.ok else "VERIFICATION FAILED")
+            )
+        if not report.ok:
+            raise Exit(code=1)
+
+
+@task(
+    name="restore",
+    help={
+        "env": ENV_HELP,
+        "backup": BACKUP_ID_HELP,
+        "into": "name of the NEW database to restore into (default <db>_restore_<time>; "
+        "Kubernetes: the new Cluster's name)",
+        "force": "restore OVER the live database and Redis (after a safety backup); asks for the "
+        "environment's name",
+        "yes": "with --force: do not ask (CI)",
+        "json": JSON_HELP,
+    },
+)
+def db_restore(
+    c: Context,
+    backup: str,
+    env: str = "local",
+    into: str | None = None,
+    force: bool = False,
+    yes: bool = False,
+    json: bool = False,
+) -> None:
+    """Restore a backup into a new database (default), or over the live one with --force."""
+    with contract():
+        environment = load_environment(env)
+        confirmed = False
+        if force:
+            backups.check_id(backup)
+            confirmed = _confirm_live_restore(env, yes)
+        report = backups.restore(
+            environment, backup, into=into, force=force, confirmed=confirmed, show_progress=not json
+        )
+        if json:
+            output.print_json(report.as_dict())
+            return
+        data = report.as_dict()
+        if "database" in data:
+            replaced = (
+                f" (replaced the live one; safety backup {data['safety_backup']})"
+                if data["replaced_live"]
+                else ""
+            )
+            output.console.print(
+                f"db.restore {env}: {data['id']} -> database {data['database']}{replaced}: "
+                f"{data['tables']} tables, {data['rows']} rows identical to the backup; "
+                f"redis: {data['redis']}; {data['seconds']:.1f} s"
+            )
+        else:
+            output.console.print(
+                f"db.restore {env}: new Cluster {data['cluster']} from {data['source_backup']}"
+            )
+            output.console.print(f"next: {data['next_step']}")
+
+
+@task(
+    name="prune",
+    help={
+        "env": ENV_HELP,
+        "dry_run": "show what the retention would delete, delete nothing",
+        "json": JSON_HELP,
+    },
+)
+def db_prune(c: Context, env: str = "local", dry_run: bool = False, json: bool = False) -> None:
+    """Apply the model's retention (daily/weekly/monthly); never deletes the last verified backup."""
+    with contract():
+        report = backups.prune(load_environment(env), dry_run=dry_run)
+        if json:
+            output.print_json(report.as_dict())
+            return
+        output.console.print(
+            output.table(
+                f"prune {env}{' (dry run)' if dry_run else ''}",
+                ("backup", "kept because"),
+                [
+                    *report.kept.items(),
+                    *((d, "would delete" if dry_run else "[red]deleted[/red]") for d in report.deleted),
+                ],
+            )
+        )
+
+
+@task(help={"env": ENV_HELP, "json": JSON_HELP})
+def drill(c: Context, env: str = "local", json: bool = False) -> None:
+    """Restore drill: latest backup -> scratch -> compare with its recorded checksums -> measured RTO."""
+    with contract():
+        report = backups.drill(load_environment(env), show_progress=not json)
+        if json:
+            output.print_json(report.as_dict())
+        else:
+            word = "restored and identical" if report.ok else "MISMATCH"
+            output.console.print(
+                f"drill {env}: {report.id} {output.verdict(report.ok, word)}: {report.tables} tables, "
+                f"{report.rows} rows; redis: {report.redis}; RTO {report.rto_seconds:.1f} s"
+            )
+            for mismatch in report.mismatches:
+                output.console.print(f"  {output.verdict(False, 'differs')} {mismatch}")
+        if not report.ok:
+            raise Exit(code=1)
+
+
 local = Collection("local")
 local.add_task(up, name="up")
 local.add_task(down, name="down")
@@ -272,6 +561,13 @@ namespace.add_task(health)
 namespace.add_task(demo)
 namespace.add_task(deploy)
 namespace.add_task(rollback)
+namespace.add_task(loadtest)
+namespace.add_task(scan)
+db = Collection("db")
+for db_task in (db_backup, db_list, db_verify, db_restore, db_prune):
+    db.add_task(db_task)
+namespace.add_collection(db)
+namespace.add_task(drill)
 audit_tasks = Collection("audit")
 audit_tasks.add_task(audit_verify, name="verify")
 namespace.add_collection(audit_tasks)

@@ -16,6 +16,7 @@ import pulumi
 import pulumi_docker as docker
 import pulumi_kubernetes as k8s
 
+from infra.alerts import Alert, Example, Group
 from infra.common import (
     COLOR_LABEL,
     NAME_LABEL,
@@ -330,3 +331,69 @@ class App(Component):
             ),
             opts=self.opts(),
         )
+
+
+# --- alerts (rules beside the component; runbooks in runbooks/alerts/) --------------------------------------
+
+
+def alerts(service: str) -> Group:
+    """The service's colors, and the deploy tooling: a rollout that stopped progressing, and the two alerts
+    `invoke deploy` and `invoke rollback` send to Alertmanager themselves (no Prometheus rule)."""
+    return Group(
+        f"{service}.availability",
+        [
+            Alert(
+                name="ServiceDown",
+                expr=f'up{{service="{service}"}} == 0',
+                for_="1m",
+                severity="critical",
+                summary="{{ $labels.service }} {{ $labels.color }} on {{ $labels.instance }} is down",
+                description=(
+                    "Prometheus has not been able to scrape {{ $labels.instance }} "
+                    "(color {{ $labels.color }}) for more than one minute."
+                ),
+                example=Example(
+                    {f'up{{service="{service}", color="blue", instance="i:1", job="workload"}}': "1 1 0x10"},
+                    "5m",
+                    {"service": service, "color": "blue", "instance": "i:1", "job": "workload"},
+                ),
+            ),
+            Alert(
+                name="MaximusDeploymentStuck",
+                expr=(
+                    "max by (namespace, deployment) (kube_deployment_status_condition"
+                    f'{{deployment=~"{service}-(blue|green)", condition="Progressing", status="false"}}) == 1'
+                ),
+                for_="5m",
+                severity="warning",
+                summary="the rollout of {{ $labels.deployment }} stopped progressing",
+                description=(
+                    "{{ $labels.namespace }}/{{ $labels.deployment }} exceeded its progress deadline: its "
+                    "new pods do not become ready. The active color still serves; the deploy cannot finish."
+                ),
+                example=Example(
+                    {
+                        "kube_deployment_status_condition"
+                        f'{{namespace="app", deployment="{service}-green", condition="Progressing", '
+                        'status="false"}': "0 1x20"
+                    },
+                    "10m",
+                    {"namespace": "app", "deployment": f"{service}-green"},
+                ),
+            ),
+            Alert(
+                name="MaximusRollback",
+                expr=None,
+                severity="warning",
+                summary="a release was rolled back",
+                description="Sent by `invoke deploy` (automatic) and `invoke rollback` (by hand), with why.",
+            ),
+            Alert(
+                name="MaximusDeployHeld",
+                expr=None,
+                severity="warning",
+                summary="a deploy is held: its analysis could not decide",
+                description="Sent by `invoke deploy` when the post-promotion analysis has no data.",
+            ),
+        ],
+    )

@@ -11,6 +11,7 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 
+from infra.alerts import Alert, Example, Group
 from infra.common import (
     KONG_RELEASE,
     Component,
@@ -223,3 +224,63 @@ class Gateway(Component):
             fields={"plugin": plugin, "config": config},
             opts=self.opts(depends_on=[release]),
         )
+
+
+# --- alerts (rules beside the component; runbooks in runbooks/alerts/) --------------------------------------
+
+ERROR_RATIO_MAX = 0.05
+
+
+def alerts() -> Group:
+    """The edge: Kong on Kubernetes, HAProxy on a single machine; 5xx above 5% for 5 minutes pages."""
+    haproxy = "haproxy_frontend_http_responses_total"
+    return Group(
+        "gateway",
+        [
+            Alert(
+                name="KongHighErrorRatio",
+                expr=(
+                    'sum by (service) (rate(kong_http_requests_total{code=~"5.."}[5m]))\n'
+                    f"/ sum by (service) (rate(kong_http_requests_total[5m])) > {ERROR_RATIO_MAX}"
+                ),
+                for_="5m",
+                severity="critical",
+                summary="more than 5% of Kong's answers for {{ $labels.service }} are 5xx",
+                description=(
+                    "Kong answered more than 5% of the requests to {{ $labels.service }} with a 5xx for "
+                    "5 minutes, whether the upstream failed or Kong itself did."
+                ),
+                example=Example(
+                    {
+                        'kong_http_requests_total{service="hitl", route="r", code="200"}': "0+900x20",
+                        'kong_http_requests_total{service="hitl", route="r", code="503"}': "0+100x20",
+                    },
+                    "10m",
+                    {"service": "hitl"},
+                ),
+            ),
+            Alert(
+                name="HAProxyHighErrorRatio",
+                expr=(
+                    f'sum by (proxy) (rate({haproxy}{{proxy="edge", code="5xx"}}[5m]))\n'
+                    f'/ sum by (proxy) (rate({haproxy}{{proxy="edge"}}[5m])) > {ERROR_RATIO_MAX}'
+                ),
+                for_="5m",
+                severity="critical",
+                summary="more than 5% of the edge's answers are 5xx",
+                description=(
+                    "HAProxy's frontend {{ $labels.proxy }} answered more than 5% of requests with a 5xx for "
+                    "5 minutes: users see errors, from the active color or from HAProxy itself."
+                ),
+                example=Example(
+                    {
+                        f'{haproxy}{{proxy="edge", code="2xx"}}': "0+900x20",
+                        f'{haproxy}{{proxy="edge", code="5xx"}}': "0+100x20",
+                        f'{haproxy}{{proxy="stats", code="2xx"}}': "0+10x20",
+                    },
+                    "10m",
+                    {"proxy": "edge"},
+                ),
+            ),
+        ],
+    )

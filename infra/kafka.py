@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import pulumi
 
+from infra.alerts import Alert, Example, Group
 from infra.common import (
     KAFKA_CLUSTER,
     Component,
@@ -155,3 +156,76 @@ class Kafka(Component):
             )
         self.bootstrap = f"{KAFKA_CLUSTER}-kafka-bootstrap.{ns}.svc.cluster.local:{PLAIN_PORT}"
         self.register_outputs({"bootstrap": self.bootstrap})
+
+
+# --- alerts (rules beside the component; runbooks in runbooks/alerts/) --------------------------------------
+
+CONSUMER_LAG_MAX = 1000
+
+
+def alerts() -> Group:
+    """Kafka, from the Strimzi brokers' JMX exporter and the Kafka exporter (consumer lag)."""
+    return Group(
+        "kafka",
+        [
+            Alert(
+                name="KafkaUnderReplicatedPartitions",
+                expr="sum by (namespace) (kafka_server_replicamanager_underreplicatedpartitions) > 0",
+                for_="10m",
+                severity="warning",
+                summary="Kafka in {{ $labels.namespace }} has under-replicated partitions",
+                description=(
+                    "Some partitions in {{ $labels.namespace }} have fewer in-sync replicas than configured "
+                    "for 10 minutes: one more broker lost could make them unavailable."
+                ),
+                example=Example(
+                    {
+                        "kafka_server_replicamanager_underreplicatedpartitions"
+                        '{namespace="data", pod="k-0"}': "0 3x20"
+                    },
+                    "15m",
+                    {"namespace": "data"},
+                ),
+            ),
+            Alert(
+                name="KafkaOfflinePartitions",
+                expr="sum by (namespace) (kafka_controller_kafkacontroller_offlinepartitionscount) > 0",
+                for_="1m",
+                severity="critical",
+                summary="Kafka in {{ $labels.namespace }} has offline partitions",
+                description=(
+                    "Partitions in {{ $labels.namespace }} have no leader: producers and consumers of "
+                    "those partitions fail now."
+                ),
+                example=Example(
+                    {
+                        "kafka_controller_kafkacontroller_offlinepartitionscount"
+                        '{namespace="data", pod="k-0"}': "0 2x10"
+                    },
+                    "5m",
+                    {"namespace": "data"},
+                ),
+            ),
+            Alert(
+                name="KafkaConsumerLagHigh",
+                expr=(
+                    f"sum by (namespace, consumergroup, topic) (kafka_consumergroup_lag) > {CONSUMER_LAG_MAX}"
+                ),
+                for_="15m",
+                severity="warning",
+                summary="consumer group {{ $labels.consumergroup }} lags on {{ $labels.topic }}",
+                description=(
+                    f"{{{{ $labels.consumergroup }}}} is more than {CONSUMER_LAG_MAX} messages behind on "
+                    "{{ $labels.topic }} for 15 minutes: events reach the services late."
+                ),
+                example=Example(
+                    {
+                        'kafka_consumergroup_lag{namespace="data", consumergroup="hitl", topic="t", '
+                        'partition="0"}': "0 5000x30"
+                    },
+                    "20m",
+                    {"namespace": "data", "consumergroup": "hitl", "topic": "t"},
+                ),
+            ),
+        ],
+    )

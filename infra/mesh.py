@@ -15,6 +15,7 @@ from typing import Any
 
 import pulumi
 
+from infra.alerts import Alert, Example, Group
 from infra.common import (
     ACTIVE_COLOR_ANNOTATION,
     COLOR_LABEL,
@@ -230,3 +231,53 @@ class Mesh(Component):
             "initialColor": active,
         }
         self.register_outputs({"activeColor": self.active_color_location})
+
+
+# --- alerts (rules beside the component; runbooks in runbooks/alerts/) --------------------------------------
+
+
+def alerts() -> Group:
+    """Istio: server-side 5xx ratio per destination service, and configuration the sidecars reject."""
+    requests = 'istio_requests_total{reporter="destination"'
+    by = "destination_service_namespace, destination_service_name"
+    return Group(
+        "mesh",
+        [
+            Alert(
+                name="IstioHighErrorRatio",
+                expr=(
+                    f'sum by ({by}) (rate({requests}, response_code=~"5.."}}[5m]))\n'
+                    f"/ sum by ({by}) (rate({requests}}}[5m])) > 0.05"
+                ),
+                for_="5m",
+                severity="warning",
+                summary="more than 5% of mesh requests to {{ $labels.destination_service_name }} fail",
+                description=(
+                    "Sidecars of {{ $labels.destination_service_namespace }}/"
+                    "{{ $labels.destination_service_name }} answered more than 5% of requests with a 5xx "
+                    "for 5 minutes (after retries)."
+                ),
+                example=Example(
+                    {
+                        'istio_requests_total{reporter="destination", destination_service_namespace="app", '
+                        'destination_service_name="hitl", response_code="200"}': "0+900x20",
+                        'istio_requests_total{reporter="destination", destination_service_namespace="app", '
+                        'destination_service_name="hitl", response_code="503"}': "0+100x20",
+                    },
+                    "10m",
+                    {"destination_service_namespace": "app", "destination_service_name": "hitl"},
+                ),
+            ),
+            Alert(
+                name="IstioConfigRejected",
+                expr="sum by (type) (increase(pilot_total_xds_rejects[10m])) > 0",
+                for_="10m",
+                severity="warning",
+                summary="sidecars reject istiod's {{ $labels.type }} configuration",
+                description=(
+                    "Proxies rejected configuration of type {{ $labels.type }} pushed by istiod for 10 "
+                    "minutes: they keep stale routes, so a traffic switch may not take effect."
+                ),
+            ),
+        ],
+    )

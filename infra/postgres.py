@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import pulumi
 import pulumi_kubernetes as k8s
 
+from infra.alerts import Alert, Example, Group, seconds
 from infra.common import (
     POSTGRES_CLUSTER,
     Component,
@@ -166,3 +167,84 @@ class Postgres(Component):
         )
         self.read_write_host = f"{POSTGRES_CLUSTER}-rw.{ns}.svc.cluster.local"
         self.register_outputs({"readWriteHost": self.read_write_host})
+
+
+# --- alerts (rules beside the component; runbooks in runbooks/alerts/) --------------------------------------
+
+BACKUP_MAX_AGE = "26h"  # a daily backup, plus two hours of slack
+# Written by the backup tooling (opskit/backup.py) with the labels service and environment; its restore
+# drill alerts live beside it in infra/backup.rules.yml.
+BACKUP_METRIC = "maximus_backup_last_success_timestamp_seconds"
+
+
+def alerts(service: str) -> Group:
+    """PostgreSQL: CloudNativePG's exporter, plus the backup tooling's last-success timestamp."""
+    backup = BACKUP_METRIC
+    return Group(
+        "postgres",
+        [
+            Alert(
+                name="PostgresReplicationLag",
+                expr="max by (namespace, pod) (cnpg_pg_replication_lag) > 30",
+                for_="5m",
+                severity="warning",
+                summary="PostgreSQL replica {{ $labels.pod }} is more than 30 s behind its primary",
+                description=(
+                    "Streaming replication of {{ $labels.namespace }}/{{ $labels.pod }} lags by more than "
+                    "30 seconds for 5 minutes: a failover now would lose those writes."
+                ),
+                example=Example(
+                    {'cnpg_pg_replication_lag{namespace="data", pod="pg-2"}': "0 0 90x20"},
+                    "10m",
+                    {"namespace": "data", "pod": "pg-2"},
+                ),
+            ),
+            Alert(
+                name="PostgresConnectionsNearMax",
+                expr=(
+                    "sum by (namespace, pod) (cnpg_backends_total)\n/ max by (namespace, pod) "
+                    '(cnpg_pg_settings_setting{name="max_connections"}) > 0.8'
+                ),
+                for_="5m",
+                severity="warning",
+                summary="PostgreSQL {{ $labels.pod }} uses more than 80% of max_connections",
+                description=(
+                    "{{ $labels.namespace }}/{{ $labels.pod }} has more than 80% of its max_connections in "
+                    "use for 5 minutes; new connections will soon be refused."
+                ),
+                example=Example(
+                    {
+                        'cnpg_backends_total{namespace="data", pod="pg-1", datname="hitl"}': "10 90x20",
+                        'cnpg_pg_settings_setting{namespace="data", pod="pg-1", name="max_connections"}': (
+                            "100x21"
+                        ),
+                    },
+                    "10m",
+                    {"namespace": "data", "pod": "pg-1"},
+                ),
+            ),
+            Alert(
+                name="PostgresBackupTooOld",
+                expr=(
+                    f'time() - max by (service, environment) ({backup}{{service="{service}"}}) '
+                    f"> {seconds(BACKUP_MAX_AGE)}"
+                ),
+                severity="warning",
+                summary=f"the last successful PostgreSQL backup of {service} is older than {BACKUP_MAX_AGE}",
+                description=(
+                    f"No backup of {{{{ $labels.service }}}} in {{{{ $labels.environment }}}} succeeded in "
+                    f"{BACKUP_MAX_AGE} (the schedule is daily): a restore now would lose more than a day."
+                ),
+                example=Example(
+                    # a backup that succeeded 25h50m before the test began: too old from minute 10
+                    {
+                        f'{backup}{{service="{service}", environment="test"}}': (
+                            f"{600 - seconds(BACKUP_MAX_AGE)}x20"
+                        )
+                    },
+                    "15m",
+                    {"service": service, "environment": "test"},
+                ),
+            ),
+        ],
+    )

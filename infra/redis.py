@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import pulumi
 import pulumi_kubernetes as k8s
 
+from infra.alerts import Alert, Example, Group
 from infra.common import (
     NONROOT_UID,
     REDIS_NAME,
@@ -175,3 +176,68 @@ class Redis(Component):
             )
         self.host = f"{REDIS_NAME}.{ns}.svc.cluster.local"
         self.register_outputs({"host": self.host})
+
+
+# --- alerts (rules beside the component; runbooks in runbooks/alerts/) --------------------------------------
+
+
+def alerts() -> Group:
+    """Redis, from redis_exporter's metrics."""
+    return Group(
+        "redis",
+        [
+            Alert(
+                name="RedisMemoryHigh",
+                expr=(
+                    "max by (namespace, pod) (redis_memory_used_bytes)\n"
+                    "/ max by (namespace, pod) (redis_memory_max_bytes > 0) > 0.9"
+                ),
+                for_="5m",
+                severity="warning",
+                summary="Redis {{ $labels.pod }} uses more than 90% of its maxmemory",
+                description=(
+                    "{{ $labels.namespace }}/{{ $labels.pod }} is above 90% of maxmemory for 5 minutes: "
+                    "keys are being evicted or writes will be refused."
+                ),
+                example=Example(
+                    {
+                        'redis_memory_used_bytes{namespace="data", pod="redis-0"}': "100 950x20",
+                        'redis_memory_max_bytes{namespace="data", pod="redis-0"}': "1000x21",
+                    },
+                    "10m",
+                    {"namespace": "data", "pod": "redis-0"},
+                ),
+            ),
+            Alert(
+                name="RedisRejectedConnections",
+                expr="sum by (namespace, pod) (increase(redis_rejected_connections_total[5m])) > 0",
+                severity="warning",
+                summary="Redis {{ $labels.pod }} rejected client connections",
+                description=(
+                    "{{ $labels.namespace }}/{{ $labels.pod }} refused connections in the last 5 minutes "
+                    "(maxclients reached): the service sees cache errors."
+                ),
+                example=Example(
+                    {'redis_rejected_connections_total{namespace="data", pod="redis-0"}': "0 0 0 5 10 15"},
+                    "5m",
+                    {"namespace": "data", "pod": "redis-0"},
+                ),
+            ),
+            Alert(
+                name="RedisLastSaveFailed",
+                expr="max by (namespace, pod) (redis_rdb_last_bgsave_status == 0)",
+                for_="1m",
+                severity="warning",
+                summary="Redis {{ $labels.pod }}: the last RDB save failed",
+                description=(
+                    "The last background save of {{ $labels.namespace }}/{{ $labels.pod }} failed: a restart "
+                    "would lose the data since the previous good snapshot, and Redis may refuse writes."
+                ),
+                example=Example(
+                    {'redis_rdb_last_bgsave_status{namespace="data", pod="redis-0"}': "1 0x10"},
+                    "5m",
+                    {"namespace": "data", "pod": "redis-0"},
+                ),
+            ),
+        ],
+    )

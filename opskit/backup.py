@@ -1,87 +1,1332 @@
-"""A verified backup of the application database: pg_dump in custom format, checked by pg_restore.
+"""Backups proven by restores: PostgreSQL and Redis of a single-machine environment.
 
-Written under a temporary name and renamed only when complete and verified, so a killed backup is never
-taken for a good one.
+A backup is a directory of sealed (compressed, AES-256-GCM encrypted) files and a `manifest.json`: id,
+source and tool versions, start, end, duration, size and sha256 of every file, per-table row counts and
+checksums, the Redis key digest and the encryption key id, authenticated with an HMAC under the key.
+It is assembled under a temporary name and published by the storage only when complete and verified
+(see opskit.backup_storage): an interrupted, killed or disk-full backup is never listed as good, and the
+next backup, prune or drill sweeps what it left behind.
+
+PostgreSQL: `logical` (pg_dump, directory format, parallel jobs, one exported snapshot shared with the
+per-table checksums) or `physical` (pg_basebackup with its manifest, checked by pg_verifybackup).
+Redis: BGSAVE confirmed by LASTSAVE and INFO persistence, the RDB copied, checked by redis-check-rdb and
+loaded into a scratch server for its key digest.
+
+`backup_and_verify(env)` is what a deploy calls before a breaking migration (it holds the lock already).
+The other entry points take the environment's lock and write an audit record.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
+import re
 import shutil
-import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
-from opskit import localenv
-from opskit.errors import OperationFailed
+import psycopg
+import redis
+from psycopg import sql
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+from opskit import (
+    audit,
+    backup_crypto,
+    backup_kube,
+    backup_storage,
+    kuberollout,
+    localenv,
+    lock,
+    output,
+    pgtools,
+)
+from opskit.backup_crypto import BackupKey, Compression
+from opskit.backup_kube import KubeBackupReport, KubeRestoreReport
+from opskit.backup_storage import MANIFEST, Storage
+from opskit.errors import BadInput, OperationFailed, OpsError
+from opskit.kube import KubeClient
 from opskit.model import Environment
 
-DUMP = "database.dump"
-MANIFEST = "manifest.json"
+FORMAT = 1
+BACKUP_ID = re.compile(r"^b-\d{8}T\d{12}Z$")
+DATABASE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+METRICS_FILE = "maximus_backup.prom"
+STATE_FILE = "backup-state.json"
+DEFAULT_JOBS = 2
+
+Tick = Callable[[int], None]
 
 
-def backups_dir(env: Environment) -> Path:
-    return env.state_path / "backups"
+# --- reports --------------------------------------------------------------------------------------------
 
 
-def _pg(env: Environment, tool: str) -> str:
-    return f"/usr/lib/postgresql/{env.components['postgres'].version}/bin/{tool}"
+@dataclass
+class BackupReport:
+    id: str
+    environment: str
+    method: str
+    storage: str
+    size: int
+    files: int
+    seconds: float
+    tables: int
+    rows: int
+    redis_keys: int
+    key_id: str
+    swept: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class VerifyReport:
+    id: str
+    ok: bool
+    checks: list[str]
+    problems: list[str]
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RestoreReport:
+    id: str
+    environment: str
+    database: str
+    replaced_live: bool
+    safety_backup: str | None
+    tables: int
+    rows: int
+    identical: bool
+    redis: str
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DrillReport:
+    id: str
+    environment: str
+    ok: bool
+    rto_seconds: float
+    tables: int
+    rows: int
+    mismatches: list[str]
+    redis: str
+    metrics_file: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PruneReport:
+    kept: dict[str, str]
+    deleted: list[str]
+    swept: list[str]
+    dry_run: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- small helpers --------------------------------------------------------------------------------------
+
+
+def new_id(now: datetime | None = None) -> str:
+    return "b-" + (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def id_time(backup_id: str) -> datetime:
+    return datetime.strptime(backup_id[2:], "%Y%m%dT%H%M%S%fZ").replace(tzinfo=UTC)
+
+
+def check_id(backup_id: str) -> str:
+    if not BACKUP_ID.fullmatch(backup_id):
+        raise BadInput(
+            f"--backup: {backup_id!r} is not a backup id; accepted: an id from `invoke db.list` "
+            "such as b-20260101T030000000000Z"
+        )
+    return backup_id
+
+
+def check_database_name(name: str) -> str:
+    if not DATABASE_NAME.fullmatch(name):
+        raise BadInput(
+            f"--into: {name!r} is not accepted; accepted: a new database name of lower-case letters, digits "
+            "and '_' (no path, no quotes), at most 63 characters"
+        )
+    return name
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _mac(manifest: dict[str, Any], key: BackupKey) -> str:
+    body = {k: v for k, v in manifest.items() if k != "mac"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(key.key, b"maximus-backup-manifest:" + canonical, hashlib.sha256).hexdigest()
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _jobs(env: Environment) -> int:
+    return env.backup.jobs
+
+
+def work_dir(env: Environment) -> Path:
+    """Where plaintext is handled for a moment (never inside a published backup): mode 0700."""
+    if env.state_dir is None:
+        return kuberollout.state_home(env) / "backups" / ".work"
+    return env.state_path / "backups" / ".work"
+
+
+class _Bar:
+    """One rich progress bar in bytes, or nothing (quiet or --json)."""
+
+    def __init__(self, progress: Progress | None, description: str, total: int | None) -> None:
+        self.progress = progress
+        self.lock = threading.Lock()
+        self.task = progress.add_task(description, total=total) if progress is not None else None
+
+    def __call__(self, amount: int) -> None:
+        if self.progress is not None and self.task is not None:
+            with self.lock:
+                self.progress.advance(self.task, amount)
+
+    def done(self) -> None:
+        if self.progress is not None and self.task is not None:
+            task = self.progress.tasks[self.task]
+            self.progress.update(self.task, total=max(task.completed, 1), completed=max(task.completed, 1))
+
+    @contextmanager
+    def watching(self, path: Path) -> Iterator[None]:
+        """Show the bytes a tool has written below `path` so far, while it runs."""
+        if self.progress is None or self.task is None:
+            yield
+            return
+        stop = threading.Event()
+        progress, task = self.progress, self.task
+
+        def sample() -> None:
+            while not stop.wait(0.25):
+                written = (
+                    sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+                )
+                task_info = progress.tasks[task]
+                total = task_info.total if task_info.total and task_info.total > written else None
+                progress.update(task, completed=written, total=total)
+
+        watcher = threading.Thread(target=sample, name="progress", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join()
+
+
+@contextmanager
+def _progress(show: bool) -> Iterator[Progress | None]:
+    if not show:
+        yield None
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+        console=output.console,
+        transient=False,
+    ) as progress:
+        yield progress
+
+
+def _seal_tree(
+    plain: Path, target: Path, key: BackupKey, compression: Compression, *, jobs: int, tick: Tick
+) -> dict[str, dict[str, Any]]:
+    """Seal every file below `plain` into `target`, in parallel; name -> {size, plain_size, sha256}."""
+    files = sorted(p for p in plain.rglob("*") if p.is_file())
+    target.mkdir(parents=True, exist_ok=True)
+    suffix = backup_crypto.SUFFIX[compression]
+
+    def one(path: Path) -> tuple[str, dict[str, Any]]:
+        name = path.relative_to(plain).as_posix() + suffix
+        sealed = target / name
+        sealed.parent.mkdir(parents=True, exist_ok=True)
+        size, digest = backup_crypto.seal_file(path, sealed, key, compression, tick)
+        return name, {"size": size, "plain_size": path.stat().st_size, "sha256": digest}
+
+    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+        return dict(pool.map(one, files))
+
+
+# --- backup ---------------------------------------------------------------------------------------------
+
+
+def _dump_logical(
+    env: Environment, staged: Path, key: BackupKey, progress: Progress | None
+) -> dict[str, Any]:
+    database = pgtools.database_name(env)
+    plain = staged / "plain-postgres"
+    jobs = _jobs(env)
+    with pgtools.connect(env, database, autocommit=False) as conn:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        row = conn.execute("SELECT pg_export_snapshot(), current_setting('server_version')").fetchone()
+        assert row is not None  # noqa: S101
+        snapshot, server_version = str(row[0]), str(row[1])
+        checksums: dict[str, Any] = {}
+        failure: list[BaseException] = []
+
+        def checksum() -> None:
+            try:
+                checksums.update(pgtools.table_checksums(conn))
+            except BaseException as exc:  # reported below, in the main thread
+                failure.append(exc)
+
+        worker = threading.Thread(target=checksum, name="table-checksums")
+        row = conn.execute(
+            "SELECT coalesce(sum(pg_table_size(c.oid)), 0) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+        ).fetchone()
+        bar = _Bar(progress, "postgres: pg_dump", int(row[0]) if row else None)
+        worker.start()
+        try:
+            with bar.watching(plain):
+                pgtools.run_tool(
+                    [
+                        pgtools.pg_bin(env, "pg_dump"),
+                        *pgtools.connect_args(env),
+                        "--format=directory",
+                        f"--jobs={jobs}",
+                        "--compress=0",
+                        f"--snapshot={snapshot}",
+                        f"--file={plain}",
+                        database,
+                    ],
+                    env=pgtools.tool_env(env),
+                    what=f"pg_dump of {database}",
+                )
+        finally:
+            worker.join()
+        bar.done()
+        if failure:
+            raise OperationFailed(f"table checksums of {database}: {failure[0]}") from failure[0]
+        conn.rollback()
+    listing = pgtools.run_tool(
+        [pgtools.pg_bin(env, "pg_restore"), "--list", str(plain)], what="pg_restore --list of the new dump"
+    )
+    entries = sum(1 for line in listing.splitlines() if line and not line.startswith(";"))
+    total = sum(p.stat().st_size for p in plain.rglob("*") if p.is_file())
+    seal_bar = _Bar(progress, f"postgres: compress ({env.backup.compression}) + encrypt", total)
+    files = _seal_tree(plain, staged / "postgres", key, env.backup.compression, jobs=jobs, tick=seal_bar)
+    shutil.rmtree(plain)
+    return {
+        "method": "logical",
+        "database": database,
+        "server_version": server_version,
+        "tool": pgtools.run_tool(
+            [pgtools.pg_bin(env, "pg_dump"), "--version"], what="pg_dump --version"
+        ).strip(),
+        "jobs": jobs,
+        "snapshot": snapshot,
+        "toc_entries": entries,
+        "tables": checksums,
+        "files": {f"postgres/{name}": meta for name, meta in files.items()},
+    }
+
+
+def _dump_physical(
+    env: Environment, staged: Path, key: BackupKey, progress: Progress | None
+) -> dict[str, Any]:
+    database = pgtools.database_name(env)
+    plain = staged / "plain-pgdata"
+    with pgtools.connect(env, "postgres") as conn:
+        row = conn.execute(
+            "SELECT sum(pg_database_size(datname))::bigint, current_setting('server_version') "
+            "FROM pg_database"
+        ).fetchone()
+    assert row is not None  # noqa: S101
+    server_version = str(row[1])
+    checksums: dict[str, Any] = {}
+    failure: list[BaseException] = []
+
+    def checksum() -> None:  # while the base backup runs
+        try:
+            checksums.update(
+                pgtools.table_checksums_parallel(lambda: pgtools.connect(env, database), _jobs(env))
+            )
+        except BaseException as exc:  # reported below, in the main thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=checksum, name="table-checksums")
+    bar = _Bar(progress, "postgres: pg_basebackup", int(row[0]) if row[0] else None)
+    worker.start()
+    try:
+        with bar.watching(plain):
+            pgtools.run_tool(
+                [
+                    pgtools.pg_bin(env, "pg_basebackup"),
+                    *pgtools.connect_args(env),
+                    f"--pgdata={plain}",
+                    "--format=plain",
+                    "--wal-method=stream",
+                    "--checkpoint=fast",
+                    "--manifest-checksums=CRC32C",
+                    "--no-password",
+                ],
+                env=pgtools.tool_env(env),
+                what="pg_basebackup (needs a `replication` line for postgres in pg_hba.conf)",
+            )
+    finally:
+        worker.join()
+    bar.done()
+    if failure:
+        raise OperationFailed(f"table checksums of {database}: {failure[0]}") from failure[0]
+    pgtools.run_tool(
+        [pgtools.pg_bin(env, "pg_verifybackup"), "--quiet", str(plain)],
+        what="pg_verifybackup of the new backup",
+    )
+    total = sum(p.stat().st_size for p in plain.rglob("*") if p.is_file())
+    seal_bar = _Bar(progress, f"postgres: tar + compress ({env.backup.compression}) + encrypt", total)
+    name = f"postgres/pgdata.tar{backup_crypto.SUFFIX[env.backup.compression]}"
+    (staged / "postgres").mkdir()
+    size, digest = _seal_tar(plain, staged / name, key, env.backup.compression, seal_bar, threads=_jobs(env))
+    shutil.rmtree(plain)
+    return {
+        "method": "physical",
+        "database": database,
+        "server_version": server_version,
+        "tool": pgtools.run_tool(
+            [pgtools.pg_bin(env, "pg_basebackup"), "--version"], what="pg_basebackup --version"
+        ).strip(),
+        "tables": checksums,
+        "tables_note": "counted while the base backup ran; equal after restore when nothing was written then",
+        "files": {name: {"size": size, "plain_size": total, "sha256": digest}},
+    }
+
+
+def _seal_tar(
+    plain: Path, target: Path, key: BackupKey, compression: Compression, tick: Tick, *, threads: int
+) -> tuple[int, str]:
+    """Stream a tar of `plain` (as `pgdata/`) straight into the sealer: no tar file on disk."""
+    read_fd, write_fd = os.pipe()
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            with os.fdopen(write_fd, "wb") as pipe, tarfile.open(fileobj=pipe, mode="w|") as tar:
+                tar.add(plain, arcname="pgdata")
+        except BaseException as exc:  # reported below, in the main thread
+            failure.append(exc)
+
+    producer = threading.Thread(target=produce, name="tar")
+    producer.start()
+    try:
+        with os.fdopen(read_fd, "rb") as source, target.open("wb") as out:
+            result = backup_crypto.seal(source, out, key, compression, tick, threads=threads)
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        producer.join()
+    if failure:
+        raise OperationFailed(f"tar of the base backup: {failure[0]}") from failure[0]
+    return result
+
+
+def _bgsave(client: redis.Redis, timeout_s: float = 600) -> dict[str, Any]:
+    """BGSAVE and wait until LASTSAVE moved and INFO persistence reports it finished and ok."""
+    before = int(client.lastsave().timestamp())
+    while int(time.time()) <= before:  # LASTSAVE has a resolution of one second
+        time.sleep(0.05)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.bgsave()
+            break
+        except redis.ResponseError as exc:  # another save or an AOF rewrite is running
+            if time.monotonic() > deadline:
+                raise OperationFailed(f"redis BGSAVE refused: {exc}") from exc
+            time.sleep(0.2)
+    while True:
+        info: dict[str, Any] = client.info("persistence")
+        lastsave = int(client.lastsave().timestamp())
+        if lastsave > before and int(info["rdb_bgsave_in_progress"]) == 0:
+            if info.get("rdb_last_bgsave_status") != "ok":
+                raise OperationFailed(
+                    f"redis BGSAVE failed: rdb_last_bgsave_status={info.get('rdb_last_bgsave_status')}"
+                )
+            return {"lastsave": lastsave, "rdb_last_bgsave_status": "ok"}
+        if time.monotonic() > deadline:
+            raise OperationFailed("redis BGSAVE did not finish in time; see the redis log")
+        time.sleep(0.05)
+
+
+def _dump_redis(env: Environment, staged: Path, key: BackupKey, progress: Progress | None) -> dict[str, Any]:
+    client = pgtools.live_redis(env)
+    try:
+        server: dict[str, Any] = client.info("server")
+        config = client.config_get("dir")
+        config.update(client.config_get("dbfilename"))
+        confirmed = _bgsave(client)
+        databases = sorted(pgtools.keyspace(client))
+    except redis.RedisError as exc:
+        raise OperationFailed(
+            f"redis of {env.name}: {exc}; is it up? `invoke health --env {env.name}`"
+        ) from exc
+    finally:
+        client.close()
+    plain_dir = staged / "plain-redis"
+    plain_dir.mkdir()
+    rdb = plain_dir / "dump.rdb"
+    shutil.copyfile(Path(str(config["dir"])) / str(config["dbfilename"]), rdb)
+    pgtools.run_tool([pgtools.REDIS_CHECK_RDB, str(rdb)], what="redis-check-rdb of the copied RDB")
+    with pgtools.ScratchRedis(rdb, staged / "scratch-redis") as scratch:
+        digest = pgtools.redis_digest(
+            scratch.client, sorted(set(databases) | set(pgtools.keyspace(scratch.client())))
+        )
+    bar = _Bar(progress, f"redis: compress ({env.backup.compression}) + encrypt", rdb.stat().st_size)
+    files = _seal_tree(plain_dir, staged / "redis", key, env.backup.compression, jobs=1, tick=bar)
+    shutil.rmtree(plain_dir)
+    return {
+        "server_version": server.get("redis_version"),
+        "tool": "BGSAVE + redis-check-rdb",
+        **confirmed,
+        **digest,
+        "files": {f"redis/{name}": meta for name, meta in files.items()},
+    }
+
+
+def _run_backup(env: Environment, storage: Storage, *, show_progress: bool, reason: str) -> BackupReport:
+    env.require_local()
+    key = backup_crypto.load_key(env, create=True)
+    swept = storage.sweep()
+    backup_id = new_id()
+    started_at, started = _now(), time.monotonic()
+    staged = storage.staging(backup_id)
+    try:
+        with _progress(show_progress) as progress:
+            dump = _dump_physical if env.backup.method == "physical" else _dump_logical
+            postgres = dump(env, staged, key, progress)
+            redis_part = _dump_redis(env, staged, key, progress)
+        files = {**postgres.pop("files"), **redis_part.pop("files")}
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "id": backup_id,
+            "environment": env.name,
+            "reason": reason,
+            "method": env.backup.method,
+            "compression": env.backup.compression,
+            "encryption": "AES-256-GCM",
+            "key_id": key.id,
+            "started_at": started_at,
+            "finished_at": _now(),
+            "duration_seconds": round(time.monotonic() - started, 3),
+            "versions": {
+                "postgres": postgres["server_version"],
+                "redis": redis_part["server_version"],
+                "postgres_tool": postgres["tool"],
+                "maximus_ops": _version("maximus-ops"),
+                "cryptography": _version("cryptography"),
+                "zstandard": _version("zstandard"),
+            },
+            "postgres": postgres,
+            "redis": redis_part,
+            "files": files,
+            "size": sum(f["size"] for f in files.values()),
+            "verified": True,
+        }
+        for name, meta in files.items():  # the files as they will be published, checked once more
+            if _sha256(staged / name) != meta["sha256"]:
+                raise OperationFailed(f"{name}: changed while the backup was being made")
+        manifest["mac"] = _mac(manifest, key)
+        (staged / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        storage.publish(backup_id, staged)
+    except BaseException as exc:
+        shutil.rmtree(staged, ignore_errors=True)
+        if isinstance(exc, OperationFailed | BadInput):
+            raise
+        if isinstance(exc, OSError):
+            raise OperationFailed(
+                f"backup {backup_id} failed and was removed: {exc}; free space in {storage.description} "
+                "and run again"
+            ) from exc
+        raise
+    tables = postgres["tables"]
+    return BackupReport(
+        id=backup_id,
+        environment=env.name,
+        method=env.backup.method,
+        storage=storage.description,
+        size=manifest["size"],
+        files=len(files),
+        seconds=manifest["duration_seconds"],
+        tables=len(tables),
+        rows=sum(t["rows"] for t in tables.values()),
+        redis_keys=sum(redis_part["keys"].values()),
+        key_id=key.id,
+        swept=swept,
+    )
 
 
 def backup_and_verify(env: Environment) -> str:
-    """Dump the application database, verify the dump, and return the backup's id."""
-    backup_id = "b-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    final = backups_dir(env) / backup_id
-    partial = backups_dir(env) / f".partial-{backup_id}"
-    partial.mkdir(parents=True, mode=0o700)
-    database = localenv.database_name(env)
-    connection = {**os.environ, "PGPASSWORD": localenv.read_secret(env, localenv.POSTGRES_PASSWORD)}
+    """A complete, verified backup of the environment's data; its id (OperationFailed otherwise).
+
+    Called by a deploy that holds the environment's lock already.
+    """
+    storage = backup_storage.for_environment(env)
     try:
-        dump = partial / DUMP
-        subprocess.run(
+        report = _run_backup(env, storage, show_progress=False, reason="deploy")
+    except OpsError as exc:
+        audit.for_environment(env).write(env.name, "db.backup", result="failed", reason=str(exc))
+        raise OperationFailed(f"backup before the migration failed: {exc}; nothing deployed") from exc
+    _record_success(env, "backup", report.id)
+    audit.for_environment(env).write(env.name, "db.backup", result="ok", reason="deploy", **_brief(report))
+    return report.id
+
+
+def _brief(report: BackupReport) -> dict[str, Any]:
+    return {"backup": report.id, "size": report.size, "seconds": report.seconds, "key_id": report.key_id}
+
+
+def backup(
+    env: Environment,
+    *,
+    show_progress: bool = False,
+    storage: Storage | None = None,
+    break_stale_lock: bool = False,
+) -> BackupReport | KubeBackupReport:
+    """`invoke db.backup`: take the lock, make a verified backup, audit it.
+
+    On a Kubernetes environment: an on-demand CloudNativePG backup plus the Kafka topic export
+    (opskit.backup_kube), through the kubeconfig's client.
+    """
+    if env.kind == "kubernetes":
+        return backup_kube.backup(
+            env,
+            _kube_client(env),
+            storage=storage or backup_storage.for_environment(env),
+            on_phase=(lambda phase: output.console.print(f"[dim]CloudNativePG backup: {phase}[/dim]"))
+            if show_progress
+            else None,
+        )
+    env.require_local()
+    store = storage or backup_storage.for_environment(env)
+    log = audit.for_environment(env)
+    with lock.hold(env, "db.backup", break_stale=break_stale_lock):
+        try:
+            report = _run_backup(env, store, show_progress=show_progress, reason="manual")
+        except OperationFailed as exc:
+            log.write(env.name, "db.backup", result="failed", reason=str(exc))
+            raise
+    _record_success(env, "backup", report.id)
+    log.write(env.name, "db.backup", result="ok", **_brief(report))
+    return report
+
+
+def _kube_client(env: Environment) -> KubeClient:
+    return kuberollout.client_for(env)
+
+
+# --- list and verify ------------------------------------------------------------------------------------
+
+
+def list_backups(env: Environment, storage: Storage | None = None) -> list[dict[str, Any]]:
+    """Complete backups, newest first: what `invoke db.list` prints."""
+    store = storage or backup_storage.for_environment(env)
+    rows = []
+    for backup_id in reversed(store.ids()):
+        manifest = store.manifest(backup_id)
+        rows.append(
+            {
+                "id": backup_id,
+                "started_at": manifest.get("started_at"),
+                "method": manifest.get("method"),
+                "size": manifest.get("size"),
+                "duration_seconds": manifest.get("duration_seconds"),
+                "tables": len(manifest.get("postgres", {}).get("tables", {})),
+                "redis_keys": sum((manifest.get("redis", {}).get("keys") or {}).values()),
+                "compression": manifest.get("compression"),
+                "key_id": manifest.get("key_id"),
+                "verified": bool(manifest.get("verified")),
+                "reason": manifest.get("reason"),
+            }
+        )
+    return rows
+
+
+def _manifest(storage: Storage, backup_id: str, key: BackupKey) -> dict[str, Any]:
+    manifest = storage.manifest(check_id(backup_id))
+    if manifest.get("key_id") != key.id:
+        raise backup_crypto.WrongKey(
+            f"backup {backup_id} was encrypted with key id {manifest.get('key_id')}, but the key from "
+            f"{key.source} has id {key.id}; accepted: the key this backup was made with"
+        )
+    if not hmac.compare_digest(str(manifest.get("mac")), _mac(manifest, key)):
+        raise OperationFailed(f"backup {backup_id}: {MANIFEST} fails its authentication (changed)")
+    return manifest
+
+
+def _unseal_all(
+    storage: Storage,
+    manifest: dict[str, Any],
+    key: BackupKey,
+    scratch: Path,
+    *,
+    tick: Tick,
+    jobs: int,
+) -> Path:
+    """Check and decrypt the backup's files into `scratch/plain`; the plain root."""
+    compression: Compression = manifest["compression"]
+    suffix = backup_crypto.SUFFIX[compression]
+    plain = scratch / "plain"
+    names = sorted(manifest["files"])
+
+    def one(name: str) -> None:
+        stored = storage.fetch(manifest["id"], name, scratch / "fetched")
+        if _sha256(stored) != manifest["files"][name]["sha256"]:
+            raise OperationFailed(f"backup {manifest['id']}: {name} fails its sha256 (changed or damaged)")
+        target = plain / name.removesuffix(suffix)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        backup_crypto.unseal_file(stored, target, key, compression, f"{manifest['id']}/{name}", tick=tick)
+
+    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+        for _ in pool.map(one, names):
+            pass
+    return plain
+
+
+def _check_files(storage: Storage, manifest: dict[str, Any], scratch: Path) -> list[str]:
+    problems = []
+    for name, meta in sorted(manifest["files"].items()):
+        try:
+            stored = storage.fetch(manifest["id"], name, scratch / "fetched")
+            digest = _sha256(stored)
+        except (OSError, OperationFailed) as exc:
+            problems.append(f"{name}: missing or unreadable ({exc})")
+            continue
+        if digest != meta["sha256"]:
+            problems.append(
+                f"{name}: sha256 {digest[:16]}... differs from the manifest's {meta['sha256'][:16]}..."
+            )
+    return problems
+
+
+def verify(
+    env: Environment, backup_id: str, *, storage: Storage | None = None, show_progress: bool = False
+) -> VerifyReport:
+    """`invoke db.verify`: checksums, decryption, pg_restore --list or pg_verifybackup, redis-check-rdb.
+
+    A wrong key is BadInput (exit 2); a failed verification is reported (the task exits 1).
+    """
+    started = time.monotonic()
+    store = storage or backup_storage.for_environment(env)
+    key = backup_crypto.load_key(env)
+    manifest = _manifest(store, backup_id, key)
+    checks = [f"{MANIFEST}: authenticated with key {key.id}"]
+    with pgtools.scratch_dir(work_dir(env), f"verify-{backup_id}-") as scratch:
+        problems = _check_files(store, manifest, scratch)
+        if not problems:
+            checks.append(f"{len(manifest['files'])} files: sha256 as recorded")
+            try:
+                total = sum(int(f["size"]) for f in manifest["files"].values())
+                with _progress(show_progress) as progress:
+                    bar = _Bar(progress, "decrypt + decompress", total)
+                    plain = _unseal_all(store, manifest, key, scratch, tick=bar, jobs=_jobs(env))
+                checks.append("every file decrypts and decompresses")
+                checks.extend(_check_plain(env, manifest, plain, scratch))
+            except OperationFailed as exc:
+                problems.append(str(exc))
+    return VerifyReport(backup_id, not problems, checks, problems, round(time.monotonic() - started, 3))
+
+
+def _extract(archive: Path, target: Path) -> None:
+    """Unpack a base-backup archive; members must stay inside `target` (no absolute paths, no '..')."""
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        for member in members:
+            name = Path(member.name)
+            if name.is_absolute() or ".." in name.parts:
+                raise OperationFailed(
+                    f"{archive.name}: member {member.name!r} would leave the target directory"
+                )
+            if not (member.isfile() or member.isdir()):
+                raise OperationFailed(f"{archive.name}: member {member.name!r} is not a file or directory")
+        tar.extractall(target, members=members)  # noqa: S202 - every member checked above
+
+
+def _check_plain(env: Environment, manifest: dict[str, Any], plain: Path, scratch: Path) -> list[str]:
+    checks = []
+    if manifest["method"] == "cloudnative-pg":
+        for path in sorted(plain.rglob("*.json")):
+            topics = json.loads(path.read_text()).get("kafka_topics", [])
+            checks.append(f"{path.name}: {len(topics)} Kafka topic declarations")
+        return checks
+    if manifest["method"] == "physical":
+        _extract(plain / "postgres" / "pgdata.tar", scratch / "extracted")
+        pgtools.run_tool(
+            [pgtools.pg_bin(env, "pg_verifybackup"), "--quiet", str(scratch / "extracted" / "pgdata")],
+            what="pg_verifybackup",
+        )
+        checks.append("pg_verifybackup: the base backup matches its backup_manifest")
+    else:
+        listing = pgtools.run_tool(
+            [pgtools.pg_bin(env, "pg_restore"), "--list", str(plain / "postgres")], what="pg_restore --list"
+        )
+        entries = sum(1 for line in listing.splitlines() if line and not line.startswith(";"))
+        if entries != manifest["postgres"].get("toc_entries", entries):
+            raise OperationFailed(f"pg_restore --list: {entries} entries, the manifest recorded more")
+        checks.append(f"pg_restore --list: {entries} entries")
+    pgtools.run_tool([pgtools.REDIS_CHECK_RDB, str(plain / "redis" / "dump.rdb")], what="redis-check-rdb")
+    checks.append("redis-check-rdb: the RDB is sound")
+    return checks
+
+
+# --- restore --------------------------------------------------------------------------------------------
+
+
+def _restore_logical(env: Environment, plain: Path, target: str, owner: str) -> None:
+    with pgtools.connect(env, "postgres") as admin:
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0").format(
+                sql.Identifier(target), sql.Identifier(owner)
+            )
+        )
+    try:
+        pgtools.run_tool(
             [
-                _pg(env, "pg_dump"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(env.local_ports.postgres),
-                "-U",
-                "postgres",
-                "-Fc",
-                "-f",
-                str(dump),
-                database,
+                pgtools.pg_bin(env, "pg_restore"),
+                *pgtools.connect_args(env),
+                f"--dbname={target}",
+                f"--jobs={_jobs(env)}",
+                "--exit-on-error",
+                str(plain / "postgres"),
             ],
-            env=connection,
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=3600,
+            env=pgtools.tool_env(env),
+            what=f"pg_restore into {target}",
         )
-        listing = subprocess.run(
-            [_pg(env, "pg_restore"), "--list", str(dump)],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=600,
+    except BaseException:
+        with pgtools.connect(env, "postgres") as admin:
+            pgtools.drop_database(admin, target)
+        raise
+
+
+def _compare(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
+    mismatches = []
+    for table in sorted(set(expected) | set(found)):
+        want, got = expected.get(table), found.get(table)
+        if want is None or got is None:
+            mismatches.append(f"{table}: {'missing after restore' if got is None else 'not in the backup'}")
+        elif want != got:
+            mismatches.append(
+                f"{table}: rows {got['rows']} (recorded {want['rows']}), checksum "
+                f"{'equal' if want['checksum'] == got['checksum'] else 'differs'}"
+            )
+    return mismatches
+
+
+def _redis_scratch_check(manifest: dict[str, Any], plain: Path, scratch: Path) -> tuple[bool, str]:
+    recorded = manifest["redis"]
+    with pgtools.ScratchRedis(plain / "redis" / "dump.rdb", scratch / "redis-scratch") as server:
+        found = pgtools.redis_digest(server.client, [int(db) for db in recorded["keys"]])
+    ok = found["keys"] == recorded["keys"] and found["digest"] == recorded["digest"]
+    keys = sum(found["keys"].values())
+    return ok, f"{keys} keys loaded in a scratch server, digest {'equal' if ok else 'DIFFERS'}"
+
+
+def _redis_replace_live(env: Environment, plain: Path, scratch: Path) -> str:
+    """Replace every key of the live Redis by the backup's, one transaction per database."""
+    with pgtools.ScratchRedis(plain / "redis" / "dump.rdb", scratch / "redis-scratch") as server:
+        source_dbs = pgtools.keyspace(server.client())
+        live_dbs = pgtools.keyspace(pgtools.live_redis(env))
+        restored = 0
+        for db in sorted(set(source_dbs) | set(live_dbs)):
+            source, live = server.client(db), pgtools.live_redis(env, db)
+            try:
+                pipe = live.pipeline(transaction=True)
+                pipe.flushdb()
+                for name in source.scan_iter(count=1000):
+                    value = source.dump(name)
+                    if value is None:
+                        continue
+                    ttl = int(source.pttl(name))
+                    pipe.restore(name, max(ttl, 0), value, replace=True)
+                    restored += 1
+                pipe.execute()
+            finally:
+                live.close()
+    return f"{restored} keys replaced the live ones"
+
+
+def restore(
+    env: Environment,
+    backup_id: str,
+    *,
+    into: str | None = None,
+    force: bool = False,
+    confirmed: bool = False,
+    storage: Storage | None = None,
+    show_progress: bool = False,
+) -> RestoreReport | KubeRestoreReport:
+    """`invoke db.restore`: into a new database by default; over the live one only with force + confirmed,
+    after a safety backup. Bad input (unknown id, a bad name, no --force, a wrong key) changes nothing.
+
+    On a Kubernetes environment `backup_id` names a CloudNativePG Backup and a NEW Cluster (`into`) is
+    bootstrapped from it; never in place, so `force` is refused there.
+    """
+    if env.kind == "kubernetes":
+        if force:
+            raise BadInput("--force: not accepted on Kubernetes; a restore always creates a new Cluster")
+        return backup_kube.restore(env, _kube_client(env), backup_name=backup_id, into=into)
+    env.require_local()
+    check_id(backup_id)
+    live = pgtools.database_name(env)
+    if into is not None:
+        check_database_name(into)
+    if into == live and not force:
+        raise BadInput(
+            f"--into: {live} is the live database; overwriting it needs --force and a confirmation"
         )
-        manifest = {
-            "id": backup_id,
-            "database": database,
-            "file": DUMP,
-            "sha256": hashlib.sha256(dump.read_bytes()).hexdigest(),
-            "size": dump.stat().st_size,
-            "entries": sum(1 for line in listing.stdout.splitlines() if line and not line.startswith(";")),
-            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        os.replace(partial, final)
-    except (subprocess.SubprocessError, OSError) as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        detail = getattr(exc, "stderr", None) or str(exc)
+    if force and not confirmed:
+        raise BadInput("--force: overwriting the live database needs the typed confirmation (or --yes in CI)")
+    if force and into not in (None, live):
+        raise BadInput("--into: not accepted with --force (which restores over the live database)")
+    store = storage or backup_storage.for_environment(env)
+    key = backup_crypto.load_key(env)
+    manifest = _manifest(store, backup_id, key)
+    if manifest["method"] != "logical":
+        raise BadInput(
+            f"--backup: {backup_id} is a physical backup; restore it as a new cluster (runbooks/restore.md)"
+        )
+    target = into or f"{live}_restore_{_stamp()}"
+    with pgtools.connect(env, "postgres") as admin:
+        if not force and pgtools.database_exists(admin, target):
+            raise BadInput(f"--into: database {target} exists; accepted: a new name")
+    log = audit.for_environment(env)
+    started = time.monotonic()
+    with lock.hold(env, "db.restore"):
+        log.write(env.name, "db.restore", result="started", backup=backup_id, into=target, force=force)
+        try:
+            report = _restore_locked(
+                env,
+                store,
+                manifest,
+                key,
+                target=target,
+                force=force,
+                show_progress=show_progress,
+                started=started,
+            )
+        except OperationFailed as exc:
+            log.write(env.name, "db.restore", result="failed", backup=backup_id, reason=str(exc))
+            raise
+    log.write(
+        env.name,
+        "db.restore",
+        result="ok",
+        **{k: v for k, v in report.as_dict().items() if k != "environment"},
+    )
+    return report
+
+
+def _restore_locked(
+    env: Environment,
+    store: Storage,
+    manifest: dict[str, Any],
+    key: BackupKey,
+    *,
+    target: str,
+    force: bool,
+    show_progress: bool,
+    started: float,
+) -> RestoreReport:
+    live = pgtools.database_name(env)
+    safety = None
+    if force:
+        safety = _run_backup(
+            env, store, show_progress=show_progress, reason=f"safety before restoring {manifest['id']}"
+        ).id
+    with pgtools.scratch_dir(work_dir(env), f"restore-{manifest['id']}-") as scratch:
+        total = sum(int(f["size"]) for f in manifest["files"].values())
+        with _progress(show_progress) as progress:
+            unsealing = _Bar(progress, "decrypt + decompress", total)
+            plain = _unseal_all(store, manifest, key, scratch, tick=unsealing, jobs=_jobs(env))
+            bar = _Bar(progress, "pg_restore", None)
+            incoming = f"{live}__incoming_{_stamp()}" if force else target
+            _restore_logical(env, plain, incoming, live)
+            bar.done()
+        found = pgtools.table_checksums_parallel(lambda: pgtools.connect(env, incoming), _jobs(env))
+        mismatches = _compare(manifest["postgres"]["tables"], found)
+        if mismatches:
+            with pgtools.connect(env, "postgres") as admin:
+                pgtools.drop_database(admin, incoming)
+            raise OperationFailed(f"restored data differ from the backup: {'; '.join(mismatches[:5])}")
+        if force:
+            _swap_live(env, incoming, live)
+            redis_detail = _redis_replace_live(env, plain, scratch)
+        else:
+            ok, redis_detail = _redis_scratch_check(manifest, plain, scratch)
+            redis_detail += "; the live Redis is untouched" if ok else ""
+            if not ok:
+                raise OperationFailed(f"redis: {redis_detail}")
+    return RestoreReport(
+        id=manifest["id"],
+        environment=env.name,
+        database=live if force else target,
+        replaced_live=force,
+        safety_backup=safety,
+        tables=len(found),
+        rows=sum(t["rows"] for t in found.values()),
+        identical=True,
+        redis=redis_detail,
+        seconds=round(time.monotonic() - started, 3),
+    )
+
+
+def _swap_live(env: Environment, incoming: str, live: str) -> None:
+    """Put the restored database in place of the live one by two renames; the old one is dropped."""
+    replaced = f"{live}__replaced_{_stamp()}"
+    with pgtools.connect(env, "postgres") as admin:
+        with admin.transaction():
+            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(live)))
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (live,))
+        try:
+            admin.execute(
+                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(live), sql.Identifier(replaced)
+                )
+            )
+        except psycopg.Error:
+            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(live)))
+            raise
+        admin.execute(
+            sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(incoming), sql.Identifier(live))
+        )
+        pgtools.drop_database(admin, replaced)
+
+
+# --- drill ----------------------------------------------------------------------------------------------
+
+
+def drill(env: Environment, *, storage: Storage | None = None, show_progress: bool = False) -> DrillReport:
+    """`invoke drill`: the latest backup restored into a scratch database and compared with what it recorded;
+    the measured RTO goes to the audit log and the metrics file. A failed drill is OperationFailed."""
+    env.require_local()
+    store = storage or backup_storage.for_environment(env)
+    key = backup_crypto.load_key(env)
+    ids = store.ids()
+    if not ids:
         raise OperationFailed(
-            f"backup of {database} failed: {str(detail).strip()[:300]}; nothing deployed"
-        ) from exc
-    return backup_id
+            f"environment {env.name} has no backup to drill; run `invoke db.backup --env {env.name}`"
+        )
+    backup_id = ids[-1]
+    log = audit.for_environment(env)
+    with lock.hold(env, "drill"):
+        store.sweep()
+        started = time.monotonic()
+        manifest = _manifest(store, backup_id, key)
+        scratch_db = f"{pgtools.database_name(env)}_drill_{_stamp()}"
+        mismatches: list[str] = []
+        try:
+            with pgtools.scratch_dir(work_dir(env), f"drill-{backup_id}-") as scratch:
+                total = sum(int(f["size"]) for f in manifest["files"].values())
+                with _progress(show_progress) as progress:
+                    bar = _Bar(progress, "decrypt + decompress", total)
+                    plain = _unseal_all(store, manifest, key, scratch, tick=bar, jobs=_jobs(env))
+                if manifest["method"] == "physical":
+                    found, redis_ok, redis_detail = _drill_physical(env, manifest, plain, scratch)
+                else:
+                    _restore_logical(env, plain, scratch_db, pgtools.database_name(env))
+                    try:
+                        found = pgtools.table_checksums_parallel(
+                            lambda: pgtools.connect(env, scratch_db), _jobs(env)
+                        )
+                    finally:
+                        with pgtools.connect(env, "postgres") as admin:
+                            pgtools.drop_database(admin, scratch_db)
+                    redis_ok, redis_detail = _redis_scratch_check(manifest, plain, scratch)
+                rto = round(time.monotonic() - started, 3)
+                mismatches = _compare(manifest["postgres"]["tables"], found)
+                if not redis_ok:
+                    mismatches.append(f"redis: {redis_detail}")
+        except OperationFailed as exc:
+            _record_failure(env, "drill")
+            log.write(env.name, "drill", result="failed", backup=backup_id, reason=str(exc))
+            raise
+        report = DrillReport(
+            id=backup_id,
+            environment=env.name,
+            ok=not mismatches,
+            rto_seconds=rto,
+            tables=len(found),
+            rows=sum(t["rows"] for t in found.values()),
+            mismatches=mismatches,
+            redis=redis_detail,
+            metrics_file=str(metrics_path(env)),
+        )
+        if report.ok:
+            _record_success(env, "drill", backup_id, rto_seconds=rto)
+        else:
+            _record_failure(env, "drill")
+        details = {k: v for k, v in report.as_dict().items() if k not in ("environment", "ok")}
+        log.write(env.name, "drill", result="ok" if report.ok else "failed", **details)
+    return report
+
+
+def _drill_physical(
+    env: Environment, manifest: dict[str, Any], plain: Path, scratch: Path
+) -> tuple[dict[str, Any], bool, str]:
+    """Start a scratch PostgreSQL on the restored data directory (as the service account) and count."""
+    import pwd  # noqa: PLC0415
+
+    account = pwd.getpwnam("maximus")
+    parent = localenv.data_dir(env) / "drill"
+    parent.mkdir(mode=0o700, exist_ok=True)
+    os.chown(parent, account.pw_uid, account.pw_gid)
+    extracted = Path(tempfile.mkdtemp(prefix="cluster-", dir=parent))
+    try:
+        return _drill_cluster(env, manifest, plain, scratch, extracted=extracted, account=account)
+    finally:
+        shutil.rmtree(extracted, ignore_errors=True)
+
+
+def _drill_cluster(
+    env: Environment, manifest: dict[str, Any], plain: Path, scratch: Path, *, extracted: Path, account: Any
+) -> tuple[dict[str, Any], bool, str]:
+    _extract(plain / "postgres" / "pgdata.tar", extracted)
+    pgdata = extracted / "pgdata"
+    for path in [extracted, *extracted.rglob("*")]:
+        os.chown(path, account.pw_uid, account.pw_gid, follow_symlinks=False)
+    pgdata.chmod(0o700)
+    port = pgtools.free_port()
+    ctl = ["/usr/sbin/runuser", "-u", "maximus", "--", pgtools.pg_bin(env, "pg_ctl")]
+    options = (
+        f"-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={extracted} "
+        "-c archive_mode=off"
+    )
+    pgtools.run_tool(
+        [
+            *ctl,
+            "-D",
+            str(pgdata),
+            "-l",
+            str(extracted / "postgres.log"),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "300",
+            "start",
+        ],
+        what="scratch PostgreSQL start",
+    )
+    try:
+        found = pgtools.table_checksums_parallel(
+            lambda: psycopg.connect(
+                host="127.0.0.1",
+                port=port,
+                user="postgres",
+                password=pgtools.superuser_password(env),
+                dbname=manifest["postgres"]["database"],
+                autocommit=True,
+            ),
+            _jobs(env),
+        )
+    finally:
+        pgtools.run_tool(
+            [*ctl, "-D", str(pgdata), "-m", "fast", "-w", "stop"], what="scratch PostgreSQL stop"
+        )
+    ok, detail = _redis_scratch_check(manifest, plain, scratch)
+    return found, ok, detail
+
+
+# --- prune ----------------------------------------------------------------------------------------------
+
+
+def retention_plan(ids: list[str], daily: int, weekly: int, monthly: int) -> dict[str, str]:
+    """Backup id -> why it is kept: the newest of each of the last `daily` days, `weekly` ISO weeks and
+    `monthly` months that have a backup (grandfather-father-son)."""
+    kept: dict[str, str] = {}
+    newest_first = sorted(ids, reverse=True)
+    for label, count, bucket in (
+        ("daily", daily, lambda t: t.strftime("%Y-%m-%d")),
+        ("weekly", weekly, lambda t: f"{t.isocalendar()[0]}-W{t.isocalendar()[1]:02d}"),
+        ("monthly", monthly, lambda t: t.strftime("%Y-%m")),
+    ):
+        seen: list[str] = []
+        for backup_id in newest_first:
+            period = bucket(id_time(backup_id))
+            if period in seen:
+                continue
+            if len(seen) >= count:
+                break
+            seen.append(period)
+            kept.setdefault(backup_id, f"{label} {period}")
+    return kept
+
+
+def prune(env: Environment, *, storage: Storage | None = None, dry_run: bool = False) -> PruneReport:
+    """`invoke db.prune`: delete what the model's retention does not keep; never the last verified backup."""
+    store = storage or backup_storage.for_environment(env)
+    policy = env.backup.retention
+    with lock.hold(env, "db.prune"):
+        swept = [] if dry_run else store.sweep()
+        ids = store.ids()
+        kept = retention_plan(ids, policy.daily, policy.weekly, policy.monthly)
+        verified = [i for i in ids if store.manifest(i).get("verified")]
+        if verified and verified[-1] not in kept:
+            kept[verified[-1]] = "the last verified backup"
+        doomed = [i for i in ids if i not in kept]
+        if not dry_run:
+            for backup_id in doomed:
+                store.delete(backup_id)
+            audit.for_environment(env).write(
+                env.name, "db.prune", result="ok", deleted=doomed, kept=sorted(kept)
+            )
+    return PruneReport(kept=dict(sorted(kept.items())), deleted=doomed, swept=swept, dry_run=dry_run)
+
+
+# --- the drill's metric ---------------------------------------------------------------------------------
+
+
+def metrics_path(env: Environment) -> Path:
+    """A Prometheus text-format file (node_exporter's textfile collector reads such files)."""
+    return env.state_path / "metrics" / METRICS_FILE
+
+
+def _state_path(env: Environment) -> Path:
+    return env.state_path / "metrics" / STATE_FILE
+
+
+def _read_state(env: Environment) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads(_state_path(env).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _record_success(env: Environment, what: str, backup_id: str, **extra: float) -> None:
+    state = _read_state(env)
+    state[f"{what}_last_success"] = time.time()
+    state[f"{what}_last_backup"] = backup_id
+    state.update({f"{what}_{k}": v for k, v in extra.items()})
+    _write_state(env, state)
+
+
+def _record_failure(env: Environment, what: str) -> None:
+    state = _read_state(env)
+    state[f"{what}_last_failure"] = time.time()
+    _write_state(env, state)
+
+
+def _write_state(env: Environment, state: dict[str, Any]) -> None:
+    _write_atomic(_state_path(env), json.dumps(state, indent=2, sort_keys=True))
+    _write_atomic(metrics_path(env), metrics_text(env.name, env.service.name, state))
+
+
+def metrics_text(environment: str, service: str, state: dict[str, Any]) -> str:
+    labels = f'service="{service}",environment="{environment}"'
+    lines = []
+    series = (
+        (
+            "maximus_backup_last_success_timestamp_seconds",
+            "backup_last_success",
+            "Last successful verified backup.",
+        ),
+        (
+            "maximus_backup_drill_last_success_timestamp_seconds",
+            "drill_last_success",
+            "Last successful restore drill.",
+        ),
+        (
+            "maximus_backup_drill_last_failure_timestamp_seconds",
+            "drill_last_failure",
+            "Last failed restore drill.",
+        ),
+        (
+            "maximus_backup_drill_rto_seconds",
+            "drill_rto_seconds",
+            "Measured RTO of the last successful drill.",
+        ),
+    )
+    for name, field_name, text in series:
+        if field_name in state:
+            lines += [
+                f"# HELP {name} {text}",
+                f"# TYPE {name} gauge",
+                f"{name}{{{labels}}} {state[field_name]}",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+# --- the demo's steps -----------------------------------------------------------------------------------
+
+
+def demo_backup(env: Environment, quiet: bool = False) -> tuple[bool, str, dict[str, Any]]:
+    """`invoke demo`: a verified backup, then `db.verify` of it (a demo StepBody)."""
+    made = backup(env, show_progress=not quiet)
+    assert isinstance(made, BackupReport)  # noqa: S101 - the demo runs on a single-machine environment
+    checked = verify(env, made.id)
+    detail = (
+        f"{made.id}: {made.tables} tables, {made.rows} rows, {made.redis_keys} Redis keys, "
+        f"{made.size / 1e6:.1f} MB {env.backup.compression}+AES-256-GCM (key {made.key_id}) "
+        f"in {made.seconds:.1f} s; "
+        f"verify {'ok' if checked.ok else 'FAILED: ' + '; '.join(checked.problems)}"
+    )
+    return checked.ok, detail, {"backup": made.as_dict(), "verify": checked.as_dict()}
+
+
+def demo_drill(env: Environment, quiet: bool = False) -> tuple[bool, str, dict[str, Any]]:
+    """`invoke demo`: the restore drill of the latest backup (a demo StepBody)."""
+    report = drill(env, show_progress=not quiet)
+    detail = (
+        f"{report.id} restored into a scratch database: {report.tables} tables, {report.rows} rows "
+        f"{'identical' if report.ok else 'DIFFER: ' + '; '.join(report.mismatches)}; {report.redis}; "
+        f"RTO {report.rto_seconds:.1f} s"
+    )
+    return report.ok, detail, report.as_dict()

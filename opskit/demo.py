@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 from rich.progress import Progress
 
-from opskit import deploy, envstate, health, localenv, output, status, traffic
+from opskit import alert_demo, backup, deploy, envstate, health, load, localenv, output, scan, status, traffic
 from opskit.errors import OpsError
 from opskit.model import Environment
 from opskit.traffic import SteadyLoad
@@ -143,6 +143,9 @@ def run(env: Environment, quiet: bool = False) -> DemoReport:
         )
         return ok, detail, result.as_dict()
 
+    def page_alert() -> tuple[bool, str, dict[str, Any]]:
+        return alert_demo.page_alert_fires(env, events=None if quiet else output.event_line)
+
     steps: tuple[tuple[str, StepBody], ...] = (
         ("provision", provision),
         ("status", show_status),
@@ -152,6 +155,11 @@ def run(env: Environment, quiet: bool = False) -> DemoReport:
         ("a good release under load", good_release),
         ("a manual rollback", manual_rollback),
         ("a bad release, rejected", bad_release),
+        ("a bad release that got through pages on-call", page_alert),
+        ("a smoke load test", lambda: load.demo_step(env)),
+        ("the security scan", scan.demo_step),
+        ("a verified backup", lambda: backup.demo_backup(env, quiet)),
+        ("the restore drill", lambda: backup.demo_drill(env, quiet)),
         ("status after the story", show_status),
     )
     for name, body in steps:

@@ -275,7 +275,7 @@ class Deployment:
             summary=f"deploy {self.record['id']} of {self.env.name} is held",
             description=f"{reason}. Next: `invoke deploy --env {self.env.name} --resume` to analyse "
             f"again, or `invoke rollback --env {self.env.name}`.",
-            runbook="deploy.md",
+            runbook="alerts/MaximusDeployHeld.md",
         )
 
     def rollback_after_switch(self, reason: str) -> None:
@@ -303,7 +303,7 @@ class Deployment:
             severity="warning",
             summary=f"{self.env.name}: release {d['version']} rolled back automatically",
             description=reason,
-            runbook="rollback.md",
+            runbook="alerts/MaximusRollback.md",
         )
 
     def undo(self, reason: str) -> Outcome:
@@ -578,8 +578,8 @@ def rollback(
         if previous.get("needs_restore") and not force:
             raise BadInput(
                 f"rollback: {state.colors[state.active]['version']} ran a breaking migration, so "
-                f"{previous['version']} needs the database as it was: restore backup "
-                f"{previous.get('backup')} first (see runbooks/rollback.md), then run again with --force"
+                f"{previous['version']} needs the database as it was: first run `invoke db.restore --env "
+                f"{env.name} --backup {previous.get('backup')} --force`, then this again with --force"
             )
         router = localenv.router(env)
         current = {"color": state.active, "version": state.colors[state.active]["version"]}
@@ -636,7 +636,7 @@ def rollback(
         severity="warning",
         summary=f"{env.name}: rolled back to {previous['version']}",
         description=f"{reason} (from {current['version']} on {current['color']})",
-        runbook="rollback.md",
+        runbook="alerts/MaximusRollback.md",
     )
     return RollbackReport(
         env.name, current["color"], target, previous["version"], path, reason, seconds, notified, verified

@@ -174,6 +174,9 @@ class Backup(Strict):
     compression: Literal["none", "gzip", "zstd"] = "zstd"
     encryption_key_env: str = Field(default="MAXIMUS_BACKUP_KEY", pattern=r"^[A-Z][A-Z0-9_]*$")
     storage: BackupStorage = BackupStorage()
+    jobs: int = Field(
+        default=2, ge=1, le=16, description="parallel pg_dump and pg_restore jobs, and sealing threads"
+    )
 
 
 ComponentName = Literal[

@@ -11,6 +11,7 @@ from typing import Any
 import pulumi
 import pytest
 
+import infra.dashboards
 from infra import policies
 from infra import secrets as stack_secrets
 from opskit import model, stack
@@ -391,7 +392,7 @@ def test_chart_values_follow_the_model(runs: dict[str, stack.StackRun], name: st
         for o in run.objects()
         if o["kind"] == "ConfigMap" and "grafana_dashboard" in o["metadata"]["labels"]
     ]
-    assert len(dashboards) == 3
+    assert len(dashboards) == len(infra.dashboards.dashboards(env)) == 6
     kong = release(run, "maximus-kong")["values"]
     assert kong["image"] == {"repository": "kong", "tag": "3.8.0"}
     assert kong["proxy"]["http"]["enabled"] is False

@@ -1,8 +1,13 @@
 """Monitoring: kube-prometheus-stack (pinned) with Prometheus retention from the model, Alertmanager
-(critical alerts page, the rest go to Slack), Grafana (admin password from a Pulumi secret, dashboards
-from ConfigMaps carrying the sidecar label), and the service's alert rules as a PrometheusRule.
+(routes from infra/routing.py: critical pages through PagerDuty, the rest go to Slack, keys from Pulumi
+secrets), Grafana (admin password from a Pulumi secret, the dashboards of infra/dashboards.py from
+ConfigMaps carrying the sidecar label), and one PrometheusRule holding every rule group: those generated
+from the model and the components (`rule_sets`) and those written by hand beside a component
+(`infra/**/*.rules.yml`), all held to the same checks (infra/alerts.py).
 
-The `rules/` directory beside this module holds the single-machine environment's Prometheus rules.
+The `rules/` directory beside this module holds the generated groups as files for the single-machine
+environment's Prometheus (`python -m infra.observability --write`); the playbook loads them and the
+hand-written files alike, so a single machine evaluates exactly what a cluster does.
 """
 
 from __future__ import annotations
@@ -10,11 +15,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pulumi
 import pulumi_kubernetes as k8s
 
+from infra import app, gateway, kafka, mesh, postgres, redis, routing, slo
+from infra.alerts import Alert, Example, Group, check_unique, load_rule_file
 from infra.common import (
     JAEGER_QUERY,
     NONROOT_UID,
@@ -23,8 +31,10 @@ from infra.common import (
     chart_values_resources,
     pod_security,
 )
-from opskit.model import Resources
+from infra.dashboards import dashboards
+from opskit.model import Environment, Resources
 
+RULES_DIR = Path(__file__).resolve().parent / "rules"
 RELEASE = "maximus-monitoring"
 DASHBOARD_LABEL = "grafana_dashboard"
 GRAFANA_ADMIN_SECRET = "maximus-grafana-admin"  # noqa: S105 - a Secret's name
@@ -51,124 +61,40 @@ class MonitoringArgs:
     after: Sequence[pulumi.Resource] = field(default_factory=tuple)
 
 
-def _panel(index: int, title: str, expr: str, unit: str = "short") -> dict[str, Any]:
-    return {
-        "id": index + 1,
-        "type": "timeseries",
-        "title": title,
-        "datasource": {"type": "prometheus", "uid": "prometheus"},
-        "gridPos": {"h": 8, "w": 12, "x": (index % 2) * 12, "y": (index // 2) * 8},
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-        "targets": [{"refId": "A", "expr": expr}],
+def rule_sets(env: Environment) -> dict[str, list[Group]]:
+    """Rule file stem -> its groups: every component's alerts (declared beside it), the service's SLOs."""
+    name = env.service.name
+    sets = {
+        "platform": [platform_alerts([name])],
+        name: [app.alerts(name)],
+        f"{name}-slo": slo.rule_groups(env.service),
+        "postgres": [postgres.alerts(name)],
+        "redis": [redis.alerts()],
+        "kafka": [kafka.alerts()],
+        "gateway": [gateway.alerts()],
+        "mesh": [mesh.alerts()],
     }
+    check_unique(g for groups in sets.values() for g in groups)
+    return sets
 
 
-def dashboard(uid: str, title: str, panels: Sequence[tuple[str, str, str]]) -> str:
-    """A Grafana dashboard (JSON model) of time series panels, two per row."""
-    document = {
-        "uid": uid,
-        "title": title,
-        "tags": ["maximus"],
-        "timezone": "utc",
-        "schemaVersion": 39,
-        "refresh": "30s",
-        "time": {"from": "now-6h", "to": "now"},
-        "templating": {"list": []},
-        "panels": [_panel(i, t, e, u) for i, (t, e, u) in enumerate(panels)],
-    }
-    return json.dumps(document, indent=2, sort_keys=True)
+def hand_written_rule_files() -> list[Path]:
+    """Rule files written by hand beside a component (`infra/**/*.rules.yml` outside `rules/`)."""
+    infra = RULES_DIR.parent.parent
+    return sorted(p for p in infra.rglob("*.rules.y*ml") if RULES_DIR not in p.parents)
 
 
-def dashboards(service: str) -> dict[str, str]:
-    m = f"maximus_{service}"
-    rate = f"sum by (color) (rate({m}_http_requests_total[5m]))"
-    errors = (
-        f'sum(rate({m}_http_requests_total{{status=~"5.."}}[5m])) / sum(rate({m}_http_requests_total[5m]))'
-    )
-    p = f"histogram_quantile({{q}}, sum by (le) (rate({m}_http_request_duration_seconds_bucket[5m])))"
-    return {
-        "service-health": dashboard(
-            "maximus-service-health",
-            "MAXIMUS / Service health",
-            [
-                ("Uptime (targets up)", f'sum(up{{service="{service}"}})', "short"),
-                ("Success rate", f"1 - ({errors})", "percentunit"),
-                ("P95 latency", p.format(q="0.95"), "s"),
-                ("Error rate", errors, "percentunit"),
-            ],
-        ),
-        "performance": dashboard(
-            "maximus-performance",
-            "MAXIMUS / Performance",
-            [
-                ("P50", p.format(q="0.5"), "s"),
-                ("P90", p.format(q="0.9"), "s"),
-                ("P95", p.format(q="0.95"), "s"),
-                ("P99", p.format(q="0.99"), "s"),
-                ("Requests per second by color", rate, "reqps"),
-                ("Database connections", "sum(cnpg_backends_total)", "short"),
-            ],
-        ),
-        "hitl-decisions": dashboard(
-            "maximus-hitl-decisions",
-            "MAXIMUS / HITL decisions",
-            [
-                ("Decisions per minute", f"sum by (decision) (rate({m}_decisions_total[5m])) * 60", "short"),
-                ("API error rate", errors, "percentunit"),
-                ("Request rate", rate, "reqps"),
-                ("P95 latency", p.format(q="0.95"), "s"),
-            ],
-        ),
-    }
+def all_rule_groups(env: Environment) -> list[Group]:
+    """Every group any Prometheus of the environment loads: generated ones, then hand-written ones."""
+    groups = [g for groups in rule_sets(env).values() for g in groups]
+    groups += [g for path in hand_written_rule_files() for g in load_rule_file(path)]
+    check_unique(groups)
+    return groups
 
 
-def alert_rules(service: str, namespace: str) -> list[dict[str, Any]]:
-    """The team's alerts: high error rate, high latency, service down; runbooks beside them."""
-    m = f"maximus_{service}"
-    selector = f'namespace="{namespace}"'
-    return [
-        {
-            "name": f"{service}.availability",
-            "rules": [
-                {
-                    "alert": "ServiceDown",
-                    "expr": f'up{{{selector}, service=~"{service}.*"}} == 0',
-                    "for": "1m",
-                    "labels": {"severity": "critical"},
-                    "annotations": {
-                        "summary": "{{ $labels.pod }} has not answered a scrape for a minute",
-                        "runbook_url": "runbooks/alerts/ServiceDown.md",
-                    },
-                },
-                {
-                    "alert": "HighErrorRate",
-                    "expr": (
-                        f'sum(rate({m}_http_requests_total{{{selector}, status=~"5.."}}[5m])) '
-                        f"/ sum(rate({m}_http_requests_total{{{selector}}}[5m])) > 0.05"
-                    ),
-                    "for": "5m",
-                    "labels": {"severity": "critical"},
-                    "annotations": {
-                        "summary": "more than 5% of requests answer 5xx",
-                        "runbook_url": "runbooks/alerts/HighErrorRate.md",
-                    },
-                },
-                {
-                    "alert": "HighLatency",
-                    "expr": (
-                        f"histogram_quantile(0.95, sum by (le) "
-                        f"(rate({m}_http_request_duration_seconds_bucket{{{selector}}}[5m]))) > 0.3"
-                    ),
-                    "for": "5m",
-                    "labels": {"severity": "warning"},
-                    "annotations": {
-                        "summary": "P95 latency above 300 ms",
-                        "runbook_url": "runbooks/alerts/HighLatency.md",
-                    },
-                },
-            ],
-        }
-    ]
+def prometheus_rule_groups(env: Environment) -> list[dict[str, Any]]:
+    """The PrometheusRule's `spec.groups`: the same groups the single machine's Prometheus loads."""
+    return [g.document() for g in all_rule_groups(env) if g.prometheus_rules()]
 
 
 class Monitoring(Component):
@@ -236,32 +162,7 @@ class Monitoring(Component):
                     "resources": chart_values_resources(SMALL),
                     "securityContext": pod_security(NONROOT_UID),
                 },
-                "config": {
-                    "route": {
-                        "receiver": "slack",
-                        "group_by": ["alertname", "namespace"],
-                        "routes": [
-                            {"receiver": "pagerduty", "matchers": ['severity="critical"'], "continue": True}
-                        ],
-                    },
-                    "receivers": [
-                        {
-                            "name": "slack",
-                            "slack_configs": [
-                                {
-                                    "api_url_file": f"{secrets_dir}/slack-webhook-url",
-                                    "channel": "#maximus-alerts",
-                                }
-                            ],
-                        },
-                        {
-                            "name": "pagerduty",
-                            "pagerduty_configs": [
-                                {"routing_key_file": f"{secrets_dir}/pagerduty-routing-key"}
-                            ],
-                        },
-                    ],
-                },
+                "config": routing.config("kubernetes", secrets_dir),
             },
             "grafana": {
                 "admin": {
@@ -297,7 +198,7 @@ class Monitoring(Component):
             values,
             depends_on=[admin, receivers],
         )
-        for key, document in dashboards(env.service.name).items():
+        for key, document in dashboards(env).items():
             k8s.core.v1.ConfigMap(
                 self.rname(f"dashboard-{key}"),
                 metadata=self.meta(f"maximus-dashboard-{key}", ns, labels={DASHBOARD_LABEL: "1"}),
@@ -309,9 +210,52 @@ class Monitoring(Component):
             "monitoring.coreos.com/v1",
             "PrometheusRule",
             self.meta(f"maximus-{env.service.name}", ns),
-            {"groups": alert_rules(env.service.name, args.platform.namespaces.app)},
+            {"groups": prometheus_rule_groups(env)},
             depends_on=[release],
         )
         self.grafana_url = f"http://{RELEASE}-grafana.{ns}.svc.cluster.local"
         self.prometheus_url = f"http://{RELEASE}-prometheus.{ns}.svc.cluster.local:9090"
         self.register_outputs({"grafana": self.grafana_url, "prometheus": self.prometheus_url})
+
+
+# --- alerts (rules beside the component; runbooks in runbooks/alerts/) --------------------------------------
+
+
+def platform_alerts(services: Sequence[str]) -> Group:
+    """Every scrape target, and the Watchdog: always firing, so a silent Alertmanager is itself news."""
+    own = "|".join(services)
+    return Group(
+        "platform",
+        [
+            Alert(
+                name="TargetDown",
+                expr=f'up{{service!~"{own}"}} == 0',
+                for_="5m",
+                severity="warning",
+                summary="{{ $labels.job }} target {{ $labels.instance }} is down",
+                description=(
+                    "Prometheus has not been able to scrape {{ $labels.instance }} of job {{ $labels.job }} "
+                    "for 5 minutes: its alerts and dashboards are blind."
+                ),
+                example=Example(
+                    {
+                        'up{job="haproxy", instance="i:2"}': "1 0x10",
+                        f'up{{job="w", service="{services[0]}"}}': "0x10",
+                    },
+                    "8m",
+                    {"job": "haproxy", "instance": "i:2"},
+                ),
+            ),
+            Alert(
+                name="Watchdog",
+                expr="vector(1)",
+                severity="none",
+                summary="the alerting pipeline works",
+                description=(
+                    "Always firing, routed to the null receiver. If it stops reaching Alertmanager, "
+                    "Prometheus or its link to Alertmanager is broken."
+                ),
+                example=Example({}, "1m", silent_at_start=False),
+            ),
+        ],
+    )

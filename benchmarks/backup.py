@@ -1,0 +1,210 @@
+"""`db.backup`, `db.restore` and the drill against the raw PostgreSQL tools, in the same run.
+
+On a generated database of --size-mb (default 1024): wall time of
+  raw `pg_dump -Fd -j2` (its default gzip) and `pg_dump -Fd -j2 -Z0`   vs  db.backup (logical, zstd)
+  raw `pg_restore -j2` into a new database                           vs  db.restore into a new database
+  raw `pg_basebackup -Fp -X stream`                                  vs  db.backup (physical, zstd)
+then the drill's measured RTO and the backup's size under each compression. Target: within 1.3x of the
+raw tool. db.backup also computes per-table checksums in the dump's snapshot, seals every file
+(compress + AES-256-GCM) and checks it; db.restore decrypts, restores, and compares the checksums.
+
+Runs in a private single-machine environment on free ports (created and purged here; needs root, like
+`invoke local.up`). Usage: python benchmarks/backup.py [--size-mb 200] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from _common import ROOT
+
+from opskit import backup, localenv, model, pgtools
+from opskit.model import Environment
+
+PORTS = (
+    "postgres",
+    "redis",
+    "prometheus",
+    "alertmanager",
+    "alert_receiver",
+    "edge",
+    "haproxy_stats",
+    "blue",
+    "green",
+)
+ROW_BYTES_ESTIMATE = 330
+
+
+def private_environment() -> Environment:
+    directory = Path(tempfile.mkdtemp(prefix="maximus-bench-envs-"))
+    os.environ[model.EXTRA_ENVIRONMENTS_VAR] = str(directory)
+    name = f"bench-{secrets.token_hex(3)}"
+    state = Path(tempfile.mkdtemp(prefix=f"maximus-{name}-"))
+    state.chmod(0o755)
+    data = yaml.safe_load((ROOT / "environments" / "local.yaml").read_text())
+    sockets = [socket.socket() for _ in PORTS]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    data.update(
+        name=name,
+        state_dir=str(state),
+        ports={p: s.getsockname()[1] for p, s in zip(PORTS, sockets, strict=True)},
+    )
+    for sock in sockets:
+        sock.close()
+    (directory / f"{name}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return model.load_environment(name)
+
+
+def generate(env: Environment, size_mb: int) -> tuple[int, int]:
+    """Fill three tables up to about size_mb; (rows, database bytes)."""
+    rows = max(size_mb * 1024 * 1024 // ROW_BYTES_ESTIMATE, 1000)
+    with pgtools.connect(env, localenv.database_name(env)) as conn:
+        conn.execute(
+            "CREATE TABLE bench_events "
+            "(id bigint PRIMARY KEY, kind text, body text, at timestamptz, score float8)"
+        )
+        conn.execute(
+            "CREATE TABLE bench_decisions (id bigint PRIMARY KEY, patch text, approved bool, meta jsonb)"
+        )
+        step = 500_000
+        for start in range(1, rows + 1, step):
+            stop = min(start + step - 1, rows)
+            conn.execute(
+                "INSERT INTO bench_events SELECT g, 'kind-' || (g %% 17), repeat(md5(g::text), 4), "
+                "timestamptz '2026-01-01' + g * interval '1 second', random() FROM generate_series(%s, %s) g",
+                (start, stop),
+            )
+            conn.execute(
+                "INSERT INTO bench_decisions SELECT g, 'patch-' || g, g %% 3 = 0, "
+                "jsonb_build_object('g', g, 'reason', md5(g::text)) FROM generate_series(%s, %s) g "
+                "WHERE g %% 4 = 0",
+                (start, stop),
+            )
+        conn.execute("VACUUM ANALYZE")
+        row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+        assert row is not None
+        return rows, int(row[0])
+
+
+def timed(argv: list[str], env: Environment) -> float:
+    started = time.perf_counter()
+    subprocess.run(argv, env=pgtools.tool_env(env), check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def allow_replication(env: Environment) -> None:
+    hba = localenv.etc_dir(env) / "pg_hba.conf"
+    hba.write_text(hba.read_text() + "host replication postgres 127.0.0.1/32 scram-sha-256\n")
+    with pgtools.connect(env, "postgres") as conn:
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def with_backup(env: Environment, **changes: Any) -> Environment:
+    return env.model_copy(update={"backup": env.backup.model_copy(update=changes)})
+
+
+def drop(env: Environment, name: str) -> None:
+    with pgtools.connect(env, "postgres") as conn:
+        pgtools.drop_database(conn, name)
+
+
+def line(label: str, seconds: float, baseline: float | None = None) -> None:
+    ratio = f"   {seconds / baseline:5.2f}x the raw tool" if baseline else ""
+    print(f"{label:<52} {seconds:8.2f} s{ratio}")
+
+
+def run(env: Environment, size_mb: int) -> None:
+    scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=env.state_path))
+    db = localenv.database_name(env)
+    tool = pgtools.connect_args(env)
+    started = time.perf_counter()
+    rows, size = generate(env, size_mb)
+    print(
+        f"generated {rows} + {rows // 4} rows, database {size / 1e6:.0f} MB "
+        f"in {time.perf_counter() - started:.0f} s"
+    )
+    allow_replication(env)
+
+    raw_dump = timed(
+        [pgtools.pg_bin(env, "pg_dump"), *tool, "-Fd", "-j2", "-f", str(scratch / "raw"), db], env
+    )
+    raw_dump_z0 = timed(
+        [pgtools.pg_bin(env, "pg_dump"), *tool, "-Fd", "-j2", "-Z0", "-f", str(scratch / "raw0"), db], env
+    )
+    shutil.rmtree(scratch / "raw0")
+    ours = backup.backup(env)
+    line("raw pg_dump -Fd -j2 (gzip, its default)", raw_dump)
+    line("raw pg_dump -Fd -j2 -Z0", raw_dump_z0)
+    line("db.backup logical (zstd + AES-256-GCM, checksums)", ours.seconds, raw_dump)
+
+    with pgtools.connect(env, "postgres") as conn:
+        conn.execute(f"CREATE DATABASE bench_raw OWNER {db}")
+    raw_restore = timed(
+        [pgtools.pg_bin(env, "pg_restore"), *tool, "-j2", "-d", "bench_raw", str(scratch / "raw")], env
+    )
+    drop(env, "bench_raw")
+    shutil.rmtree(scratch / "raw")
+    restored = backup.restore(env, ours.id, into="bench_ours")
+    drop(env, "bench_ours")
+    line("raw pg_restore -j2 into a new database", raw_restore)
+    line("db.restore into a new database (incl. verify)", restored.seconds, raw_restore)
+
+    raw_base = timed(
+        [
+            pgtools.pg_bin(env, "pg_basebackup"),
+            *tool,
+            "-D",
+            str(scratch / "base"),
+            "-Fp",
+            "-Xstream",
+            "-cfast",
+        ],
+        env,
+    )
+    shutil.rmtree(scratch / "base")
+    physical = backup.backup(with_backup(env, method="physical"))
+    line("raw pg_basebackup -Fp -X stream", raw_base)
+    line("db.backup physical (+ pg_verifybackup, zstd, AES)", physical.seconds, raw_base)
+
+    drill = backup.drill(env)  # the latest backup: the physical one
+    line("drill RTO, physical (scratch cluster, compare)", drill.rto_seconds)
+    backup.backup(env)
+    drill = backup.drill(env)
+    line("drill RTO, logical (scratch database, compare)", drill.rto_seconds)
+
+    print(f"\nbackup size of a {size / 1e6:.0f} MB database (logical):")
+    for compression in ("none", "gzip", "zstd"):
+        made = backup.backup(with_backup(env, compression=compression))
+        print(f"  {compression:<5} {made.size / 1e6:9.1f} MB   in {made.seconds:6.2f} s")
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=1024, help="size of the generated data (default 1024)")
+    parser.add_argument("--keep", action="store_true", help="leave the private environment running")
+    args = parser.parse_args()
+    env = private_environment()
+    print(f"private environment {env.name} in {env.state_dir}")
+    localenv.up(env)
+    try:
+        run(env, args.size_mb)
+    finally:
+        if not args.keep:
+            localenv.down(env, purge=True)
+            shutil.rmtree(os.environ[model.EXTRA_ENVIRONMENTS_VAR], ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
