@@ -113,6 +113,9 @@ def demo(c: Context, env: str = "local", json: bool = False) -> None:
         "env": ENV_HELP,
         "version": "the release to deploy (releases/<service>.yaml lists them)",
         "ticket": "the change ticket; required where the environment's policy says so (production)",
+        "risk": "low, medium or high (governance/policy.yaml); default: what the release's migration implies",
+        "approver": "who approved the change, several separated by commas; never the person deploying",
+        "change_type": "standard, normal (the default) or emergency (may start outside deployment windows)",
         "inject": "drills, local only: faults of the new release, e.g. error-rate=0.3,latency-ms=500",
         "yes": "do not ask for confirmation",
         "resume": "continue an interrupted or held deploy from the step it stopped at",
@@ -127,6 +130,9 @@ def deploy(
     env: str = "local",
     version: str | None = None,
     ticket: str | None = None,
+    risk: str | None = None,
+    approver: str | None = None,
+    change_type: str | None = None,
     inject: str | None = None,
     yes: bool = False,
     resume: bool = False,
@@ -143,6 +149,9 @@ def deploy(
             load_environment(env),
             version,
             ticket=ticket,
+            risk=risk,
+            approver=approver,
+            change_type=change_type,
             inject=inject,
             resume=resume,
             abort=abort,
@@ -218,6 +227,25 @@ def audit_verify(c: Context, env: str = "local", json: bool = False) -> None:
             )
         if not report.ok:
             raise Exit(f"audit log of {env}: record {report.first_bad} is bad: {report.reason}", code=1)
+
+
+@task(
+    help={
+        "env": ENV_HELP,
+        "since": "only changes from this date on (YYYY-MM-DD, UTC); default: the whole log",
+        "json": JSON_HELP,
+    }
+)
+def audit_report(c: Context, env: str = "local", since: str | None = None, json: bool = False) -> None:
+    """Evidence for auditors and DORA metrics from the verified audit log, as Markdown or JSON."""
+    with contract():
+        from opskit import audit_report as reports
+
+        report = reports.report(load_environment(env), reports.parse_since(since))
+        if json:
+            output.print_json(report.as_dict())
+        else:
+            output.console.print(report.markdown(), markup=False, highlight=False, soft_wrap=True)
 
 
 STACK_HELP = "the stack: staging or production"
@@ -570,4 +598,5 @@ namespace.add_collection(db)
 namespace.add_task(drill)
 audit_tasks = Collection("audit")
 audit_tasks.add_task(audit_verify, name="verify")
+audit_tasks.add_task(audit_report, name="report")
 namespace.add_collection(audit_tasks)

@@ -22,7 +22,20 @@ import httpx
 import yaml
 from pydantic import ValidationError
 
-from opskit import analysis, audit, backup, envstate, health, kuberollout, localenv, lock, notify, traffic
+from opskit import (
+    analysis,
+    audit,
+    audit_report,
+    backup,
+    envstate,
+    health,
+    kuberollout,
+    localenv,
+    lock,
+    notify,
+    policy,
+    traffic,
+)
 from opskit.errors import BadInput, OperationFailed, OpsError
 from opskit.model import COLORS, ROOT, Environment, Faults
 
@@ -285,6 +298,7 @@ class Deployment:
         self.state.active = d["from"]["color"]
         self.state.previous = d.get("previous_before")
         self.state.colors.pop(d["to"]["color"], None)
+        self._expire_replaced_previous()
         d["state"], d["reason"] = "rolled-back", reason
         self._persist()
         localenv.apply_colors(self.env)
@@ -306,6 +320,12 @@ class Deployment:
             runbook="alerts/MaximusRollback.md",
         )
 
+    def _expire_replaced_previous(self) -> None:
+        """The release before this deploy ran on the color this deploy took over: it is cold now."""
+        previous = self.state.previous
+        if previous and previous.get("color") == self.record["to"]["color"]:
+            self.state.previous = {**previous, "warm_until": _stamp()}
+
     def undo(self, reason: str) -> Outcome:
         """Abort: whatever step it stopped at, end on the previous color with the new one stopped."""
         d = self.record
@@ -315,6 +335,7 @@ class Deployment:
             self.state.previous = d.get("previous_before")
         if d["to"]["color"] != self.state.active:
             self.state.colors.pop(d["to"]["color"], None)
+        self._expire_replaced_previous()
         d["state"], d["reason"] = "aborted", reason
         self._persist()
         localenv.apply_colors(self.env)
@@ -325,16 +346,18 @@ class Deployment:
         d = self.record
         if outcome == "done":
             d["state"] = "done"
-            self.advance(
-                "done",
-                f"{d['to']['color']} serves {d['version']}; "
-                f"{d['from']['color']} warm until {(self.state.previous or {}).get('warm_until')}",
-            )
         self.state.history = [
             *self.state.history,
             {"at": _stamp(), "operation": f"deploy {d['version']}", "result": d["state"], "id": d["id"]},
         ][-20:]
-        self._persist()
+        if outcome == "done":
+            warm_until = (self.state.previous or {}).get("warm_until")
+            self.advance(
+                "done",
+                f"{d['to']['color']} serves {d['version']}; {d['from']['color']} warm until {warm_until}",
+            )
+        else:
+            self._persist()
 
     def run(self) -> DeployReport:
         """Run from the persisted step to the end."""
@@ -399,6 +422,9 @@ def deploy(
     version: str | None,
     *,
     ticket: str | None = None,
+    risk: str | None = None,
+    approver: str | None = None,
+    change_type: str | None = None,
     inject: str | None = None,
     resume: bool = False,
     abort: bool = False,
@@ -415,8 +441,17 @@ def deploy(
             )
         migration = resolve(env, version)
         faults = parse_inject(env, inject)
-        if env.deploy.ticket_required and not ticket:
-            raise BadInput(f"--ticket: required for a change to {env.name}")
+        change = policy.check_change(
+            env.name,
+            ticket,
+            risk,
+            approver,
+            _now(),
+            change_type=change_type,
+            migration=migration,
+            actor=audit.actor(),
+        )
+        commit = audit_report.commit_fields()
     env = env.require_local()
     if dry_run:
         state = envstate.read_state(env)
@@ -485,7 +520,8 @@ def deploy(
             ticket=ticket,
             migration=migration,
             inject=faults if inject else None,
-            commit=os.environ.get("MAXIMUS_COMMIT"),
+            **change.as_audit(),
+            **commit,
         )
         machine.advance(
             "preflight", f"{state.active} serves {state.deploy['from']['version']}; {idle} is idle"
@@ -654,6 +690,10 @@ def wait_ready(env: Environment, router: Any, color: str) -> str | None:
         if process == "FATAL":
             last = "its process crashed at start (FATAL)"
             break
+        if process in ("BACKOFF", "EXITED"):
+            last = f"its process keeps exiting at start ({process})"
+            time.sleep(READY_POLL_S)
+            continue
         try:
             answer = httpx.get(url, timeout=2.0)
             if answer.status_code == 200 and router.server_up(color):

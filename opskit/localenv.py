@@ -283,7 +283,9 @@ def playbook_vars(env: Environment, state: envstate.EnvState) -> dict[str, Any]:
     """The playbook's variables, all rendered from the model and the persisted state."""
     return {
         "ansible_python_interpreter": sys.executable,
-        "maximus_python": sys.executable,
+        # The venv's own name for its interpreter, not the alias that started this process: program files
+        # must render the same from `invoke` and `python -m invoke`, or a deploy restarts the live color.
+        "maximus_python": str(Path(sys.prefix, "bin", "python3")),
         "maximus_repo_root": str(ROOT),
         "maximus_env": env.name,
         "maximus_state_dir": str(env.state_path),

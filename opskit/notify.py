@@ -19,7 +19,9 @@ def _alert(
 ) -> dict[str, Any]:
     now = datetime.now(UTC)
     return {
+        # A distinct event label: a second rollback within the repeat interval is a new alert, not a repeat.
         "labels": {
+            "event": now.strftime("%Y%m%dT%H%M%S.%f"),
             "alertname": name,
             "severity": severity,
             "environment": env.name,

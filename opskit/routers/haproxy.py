@@ -73,10 +73,13 @@ class HAProxyRouter:
             raise RouterError(f"unknown color {color!r}; accepted: {', '.join(self.colors)}")
         if not self.server_up(color):
             raise RouterError(f"{color} is not UP in HAProxy's health checks; not switching to it")
+        before = self.routing().active
         self._write_map(color)
-        if self.routing().active != color:
+        if before != color:
             answer = self.command(f"set map {self.map_path} {MAP_KEY} {self._backend(color)}").strip()
             if answer:
+                if before is not None:
+                    self._write_map(before)  # the file must keep saying what HAProxy does
                 raise RouterError(f"HAProxy refused the switch to {color}: {answer}")
         after = self.routing()
         if after.active != color:
