@@ -1,5 +1,7 @@
 """Kafka: the Strimzi operator (pinned chart) and a KRaft `Kafka` with one `KafkaNodePool` of combined
-controller+broker nodes, plus a `KafkaTopic` per topic the environment model declares."""
+controller+broker nodes, plus a `KafkaTopic` per topic the environment model declares. The brokers export
+JMX metrics through Strimzi's Prometheus JMX exporter (rules in a ConfigMap) and the Kafka exporter
+exports consumer lag; a PodMonitor each lets Prometheus scrape them (port 9404, `tcp-prometheus`)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pulumi
+import pulumi_kubernetes as k8s
+import yaml
 
 from infra.alerts import Alert, Example, Group
 from infra.common import (
@@ -22,6 +26,24 @@ STRIMZI_API = "kafka.strimzi.io/v1beta2"
 PLAIN_PORT = 9092
 TLS_PORT = 9093
 OPERATOR_SIZE = Resources(cpu_request="200m", memory_request="384Mi", cpu_limit="1", memory_limit="512Mi")
+EXPORTER_SIZE = Resources(cpu_request="50m", memory_request="64Mi", cpu_limit="500m", memory_limit="256Mi")
+METRICS_CONFIG = f"{KAFKA_CLUSTER}-metrics"
+METRICS_KEY = "kafka-metrics-config.yml"
+# JMX MBean (as the exporter spells it) -> the Prometheus name the alerts below read.
+JMX_METRICS = {
+    "kafka.server<type=ReplicaManager, name=UnderReplicatedPartitions><>Value": (
+        "kafka_server_replicamanager_underreplicatedpartitions"
+    ),
+    "kafka.controller<type=KafkaController, name=OfflinePartitionsCount><>Value": (
+        "kafka_controller_kafkacontroller_offlinepartitionscount"
+    ),
+}
+
+
+def jmx_exporter_config() -> str:
+    """The Prometheus JMX exporter's configuration: only the MBeans the alerts need, as gauges."""
+    rules = [{"pattern": pattern, "name": name, "type": "GAUGE"} for pattern, name in JMX_METRICS.items()]
+    return yaml.safe_dump({"lowercaseOutputName": True, "rules": rules}, sort_keys=False)
 
 
 @dataclass(frozen=True)
@@ -60,6 +82,12 @@ class Kafka(Component):
             },
         )
         cluster_label = {"strimzi.io/cluster": KAFKA_CLUSTER}
+        metrics_config = k8s.core.v1.ConfigMap(
+            self.rname("metrics-config"),
+            metadata=self.meta(METRICS_CONFIG, ns),
+            data={METRICS_KEY: jmx_exporter_config()},
+            opts=self.opts(),
+        )
         pool_template: dict[str, object] = {}
         if brokers > 1:
             pool_template = {
@@ -128,14 +156,46 @@ class Kafka(Component):
                         "transaction.state.log.min.isr": min_isr,
                         "auto.create.topics.enable": False,
                     },
+                    "metricsConfig": {
+                        "type": "jmxPrometheusExporter",
+                        "valueFrom": {"configMapKeyRef": {"name": METRICS_CONFIG, "key": METRICS_KEY}},
+                    },
                 },
                 "entityOperator": {
                     "topicOperator": {"resources": resources(OPERATOR_SIZE)},
                     "userOperator": {"resources": resources(OPERATOR_SIZE)},
                 },
+                # Consumer lag per group and partition (kafka_consumergroup_lag).
+                "kafkaExporter": {
+                    "topicRegex": ".*",
+                    "groupRegex": ".*",
+                    "resources": resources(EXPORTER_SIZE),
+                },
             },
-            depends_on=[operator, self.node_pool],
+            depends_on=[operator, self.node_pool, metrics_config],
         )
+        # Strimzi's pods carry strimzi.io/kind and strimzi.io/name; both expose `tcp-prometheus` (9404).
+        for suffix, strimzi_name in (
+            ("podmonitor-brokers", f"{KAFKA_CLUSTER}-kafka"),
+            ("podmonitor-exporter", f"{KAFKA_CLUSTER}-kafka-exporter"),
+        ):
+            self.custom(
+                suffix,
+                "monitoring.coreos.com/v1",
+                "PodMonitor",
+                self.meta(strimzi_name, ns),
+                {
+                    "selector": {
+                        "matchLabels": {
+                            **cluster_label,
+                            "strimzi.io/kind": "Kafka",
+                            "strimzi.io/name": strimzi_name,
+                        }
+                    },
+                    "podMetricsEndpoints": [{"port": "tcp-prometheus", "interval": "30s"}],
+                },
+                depends_on=[self.kafka],
+            )
         for topic in env.platform.kafka.topics:
             self.custom(
                 f"topic-{topic.name}",

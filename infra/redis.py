@@ -1,5 +1,7 @@
 """Redis: a StatefulSet of the official image at an exact tag, AOF (and RDB) on a persistent volume,
-the password from a Pulumi secret mounted as a file, a Service, and a PodDisruptionBudget in production.
+the password from a Pulumi secret mounted as a file, a Service, and a PodDisruptionBudget in production;
+a redis_exporter sidecar (the metrics the alerts below read), its PodMonitor and the NetworkPolicy that
+lets Prometheus reach it.
 
 Why no operator: one primary with AOF is what the platform runs (a cache with durable AOF, no Sentinel
 or Cluster mode); an operator would add CRDs, its own images and an upgrade path for no feature used.
@@ -22,10 +24,13 @@ from infra.common import (
     body,
     checkov_skips,
     container_security,
+    from_namespace,
     pod_security,
     resources,
     selector,
+    tcp,
 )
+from opskit.model import Resources
 
 PORT = 6379
 AUTH_SECRET = "maximus-redis-auth"  # noqa: S105 - a Secret's name
@@ -40,6 +45,10 @@ protected-mode yes
 port 6379
 include /etc/redis/secret/auth.conf
 """
+# redis_exporter: an exact release; it reads the password from the same Secret file Redis is given.
+EXPORTER_IMAGE = "oliver006/redis_exporter:v1.62.0"
+EXPORTER_PORT = 9121
+EXPORTER_SIZE = Resources(cpu_request="50m", memory_request="32Mi", cpu_limit="200m", memory_limit="64Mi")
 PING = 'REDISCLI_AUTH="$(cat /etc/redis/secret/password)" redis-cli -h 127.0.0.1 ping | grep -q PONG'
 
 
@@ -55,6 +64,7 @@ class Redis(Component):
         super().__init__("Redis", name, args.platform, args.after, opts)
         env = args.platform.env
         ns = args.platform.namespaces.data
+        ns_observability = args.platform.namespaces.observability
         component = env.components["redis"]
         labels = selector("redis", REDIS_NAME)
         config = k8s.core.v1.ConfigMap(
@@ -103,6 +113,29 @@ class Redis(Component):
                 {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - a private emptyDir
             ],
         }
+        # redis_exporter beside Redis: same pod (so `pod` names the Redis instance), same Secret file.
+        exporter_health = {"httpGet": {"path": "/health", "port": "metrics"}, "timeoutSeconds": 3}
+        exporter = {
+            "name": "redis-exporter",
+            "image": EXPORTER_IMAGE,
+            "imagePullPolicy": "Always",
+            "env": [
+                {"name": "REDIS_ADDR", "value": f"redis://127.0.0.1:{PORT}"},
+                {"name": "REDIS_PASSWORD_FILE", "value": "/etc/redis/secret/password"},
+                {"name": "REDIS_EXPORTER_WEB_LISTEN_ADDRESS", "value": f":{EXPORTER_PORT}"},
+            ],
+            "ports": [{"name": "metrics", "containerPort": EXPORTER_PORT, "protocol": "TCP"}],
+            "resources": resources(EXPORTER_SIZE),
+            "securityContext": container_security(),
+            "readinessProbe": {**exporter_health, "periodSeconds": 10, "failureThreshold": 3},
+            "livenessProbe": {
+                **exporter_health,
+                "initialDelaySeconds": 10,
+                "periodSeconds": 20,
+                "failureThreshold": 3,
+            },
+            "volumeMounts": [{"name": "auth", "mountPath": "/etc/redis/secret", "readOnly": True}],
+        }
         pod_labels = {**self.platform.labels("redis", REDIS_NAME)}
         self.statefulset = k8s.apps.v1.StatefulSet(
             self.rname("statefulset"),
@@ -112,7 +145,8 @@ class Redis(Component):
                 annotations=checkov_skips(
                     (
                         "CKV_K8S_43",
-                        "the official image is pinned to an exact release tag from the environment model",
+                        "the official image is pinned to an exact release tag from the environment model, "
+                        "redis_exporter to an exact release",
                     ),
                 ),
             ),
@@ -132,7 +166,7 @@ class Redis(Component):
                                 "fsGroupChangePolicy": "OnRootMismatch",
                             },
                             "terminationGracePeriodSeconds": 30,
-                            "containers": [container],
+                            "containers": [container, exporter],
                             "volumes": [
                                 {"name": "config", "configMap": {"name": f"{REDIS_NAME}-config"}},
                                 {"name": "auth", "secret": {"secretName": AUTH_SECRET, "defaultMode": 0o440}},
@@ -175,6 +209,35 @@ class Redis(Component):
                 opts=self.opts(),
             )
         self.host = f"{REDIS_NAME}.{ns}.svc.cluster.local"
+        self.custom(
+            "podmonitor",
+            "monitoring.coreos.com/v1",
+            "PodMonitor",
+            self.meta(REDIS_NAME, ns),
+            {
+                "selector": {"matchLabels": labels},
+                "podMetricsEndpoints": [{"port": "metrics", "interval": "30s"}],
+            },
+            depends_on=[self.statefulset],
+        )
+        # The baseline's default-deny: Prometheus (observability namespace) in on the exporter's port.
+        k8s.networking.v1.NetworkPolicy(
+            self.rname("netpol-metrics"),
+            metadata=self.meta(f"allow-{REDIS_NAME}-metrics", ns),
+            spec=body(
+                {
+                    "podSelector": {"matchLabels": labels},
+                    "policyTypes": ["Ingress"],
+                    "ingress": [
+                        {
+                            "from": [from_namespace(ns_observability)],
+                            "ports": tcp(EXPORTER_PORT),
+                        }
+                    ],
+                }
+            ),
+            opts=self.opts(),
+        )
         self.register_outputs({"host": self.host})
 
 

@@ -32,7 +32,7 @@ ANSIBLE_CONFIG = ROOT / "playbooks" / "ansible.cfg"
 POSTGRES_PASSWORD = "postgres_password"  # noqa: S105 - a secret's name: the superuser `postgres`
 REDIS_PASSWORD = "redis_password"  # noqa: S105 - a secret's name
 SECRETS = (POSTGRES_PASSWORD, REDIS_PASSWORD)
-PROGRAMS = ("postgres", "redis", "prometheus", "alertmanager", "alert-receiver", "haproxy")
+PROGRAMS = ("postgres", "redis", "prometheus", "alertmanager", "alert-receiver", "node-exporter", "haproxy")
 EDGE_BACKEND = "app"  # the HAProxy backend holding the servers `blue` and `green`
 REQUIRED = frozenset(PROGRAMS)  # must be RUNNING whatever the deploy state; the workload colors vary
 LISTEN_ADDRESSES = frozenset({"127.0.0.1", "0.0.0.0", "::", "::ffff:127.0.0.1", "::1"})  # noqa: S104
@@ -128,6 +128,7 @@ def endpoints(env: Environment) -> dict[str, str]:
         "prometheus": f"http://127.0.0.1:{ports.prometheus}",
         "alertmanager": f"http://127.0.0.1:{ports.alertmanager}",
         "alert-receiver": f"http://127.0.0.1:{ports.alert_receiver}",
+        "node-exporter": f"http://127.0.0.1:{ports.node_exporter}/metrics",
         "haproxy": f"http://127.0.0.1:{ports.haproxy_stats}/stats",
         "edge": f"http://127.0.0.1:{ports.edge}",
         "workload-blue": f"http://127.0.0.1:{ports.blue}",

@@ -44,6 +44,7 @@ class LocalPorts(Strict):
     prometheus: Port
     alertmanager: Port
     alert_receiver: Port
+    node_exporter: Port
     edge: Port
     haproxy_stats: Port
     blue: Port

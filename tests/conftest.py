@@ -22,6 +22,7 @@ PORT_NAMES = (
     "prometheus",
     "alertmanager",
     "alert_receiver",
+    "node_exporter",
     "edge",
     "haproxy_stats",
     "blue",

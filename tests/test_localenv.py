@@ -57,6 +57,7 @@ def test_second_up_changes_and_restarts_nothing(local_env: Environment) -> None:
         "alertmanager",
         "haproxy",
         "alert-receiver",
+        "node-exporter",
         "workload-blue",
     } <= set(before)
     supervisord = localenv.supervisord_process(local_env)
@@ -126,6 +127,7 @@ def test_prometheus_scrapes_every_part(local_env: Environment) -> None:
             ("prometheus", None): "up",
             ("alertmanager", None): "up",
             ("haproxy", None): "up",
+            ("textfile", None): "up",
             ("workload", "blue"): "up",
         }
 
@@ -255,3 +257,20 @@ def test_playbook_output_is_parsed_into_a_report_or_the_failing_task() -> None:
 def test_unknown_secret_is_bad_input(local_env: Environment) -> None:
     with pytest.raises(BadInput, match="secret: 'nope' is unknown; accepted: postgres_password"):
         localenv.read_secret(local_env, "nope")
+
+
+def test_metrics_written_as_files_reach_prometheus(local_env: Environment) -> None:
+    """The backup drill writes its timestamps as a file; node_exporter's textfile collector serves them."""
+    metric = "maximus_test_textfile_probe_seconds"
+    path = local_env.state_path / "metrics" / "probe.prom"
+    path.write_text(f'# TYPE {metric} gauge\n{metric}{{service="hitl"}} 42\n')
+    query = f"http://127.0.0.1:{local_env.local_ports.prometheus}/api/v1/query"
+    try:
+        assert wait_until(
+            lambda: httpx.get(query, params={"query": metric}, timeout=5).json()["data"]["result"],
+            timeout=30,
+        )
+        result = httpx.get(query, params={"query": metric}, timeout=5).json()["data"]["result"]
+        assert result[0]["value"][1] == "42"
+    finally:
+        path.unlink()

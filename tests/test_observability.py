@@ -429,7 +429,8 @@ def test_the_page_alert_fires_in_prometheus_and_reaches_the_receiver(local_env: 
     assert alert["receiver"] == "pagerduty"
     assert alert["labels"]["severity"] == "critical" and alert["labels"]["service"] == "hitl"
     assert alert["annotations"]["runbook_url"] == "runbooks/alerts/AvailabilityBudgetBurn.md"
-    assert any(a.get("window") == "1h" for a in data["firing_in_prometheus"])
+    # either page window may cross first: the 1h one is diluted by whatever good traffic earlier tests sent
+    assert any(a.get("window") in ("1h", "6h") for a in data["firing_in_prometheus"])
     assert alert_demo.firing_in_prometheus(local_env, "Watchdog"), "the Watchdog always fires"
     assert alert_demo.received(local_env, "Watchdog") == [], "the Watchdog goes to the null receiver"
     state = envstate.read_state(local_env)

@@ -169,7 +169,7 @@ def test_redis_runs_the_official_image_with_aof_and_a_secret_password(
 ) -> None:
     run = runs[name]
     statefulset = one(run, "StatefulSet", "maximus-redis")
-    (container,) = containers(statefulset)
+    container = next(c for c in containers(statefulset) if c["name"] == "redis")
     assert container["image"] == "redis:7.0.15"
     assert "appendonly yes" in one(run, "ConfigMap", "maximus-redis-config")["data"]["redis.conf"]
     assert statefulset["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
