@@ -105,6 +105,8 @@ def load_key(env: Environment, *, create: bool = False) -> BackupKey:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets.token_hex(32) + "\n")
+        owner = path.parent.stat()
+        os.chown(path, owner.st_uid, owner.st_gid)  # like every secret: owned by the service account
     return parse_key(path.read_text(), f"secret {KEY_FILE}")
 
 
