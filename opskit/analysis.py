@@ -98,20 +98,30 @@ def describe(provider: MetricProvider) -> str:
 
 
 class PrometheusProvider:
-    """Prometheus' HTTP API (`GET /api/v1/query`), each query bounded by `timeout_s`."""
+    """Prometheus' HTTP API (`GET /api/v1/query`), each query bounded by `timeout_s`.
 
-    def __init__(self, base_url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    `client` reaches a Prometheus that is not on this machine (a cluster's, through the API server's
+    service proxy); its base URL is Prometheus' root.
+    """
+
+    def __init__(
+        self, base_url: str, timeout_s: float = DEFAULT_TIMEOUT_S, client: httpx.Client | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self.client = client or httpx.Client(base_url=self.base_url, timeout=timeout_s)
 
     def describe(self) -> str:
         return f"Prometheus at {self.base_url}"
 
     def query(self, promql: str) -> list[float]:
-        url = f"{self.base_url}/api/v1/query"
+        return _values(self.query_data(promql), self.describe())
+
+    def query_data(self, promql: str) -> Any:
+        """The `data` of an instant query's answer: {"resultType": ..., "result": [...]}."""
         params = {"query": promql, "timeout": f"{self.timeout_s:g}"}  # seconds
         try:
-            response = httpx.get(url, params=params, timeout=self.timeout_s)
+            response = self.client.get("api/v1/query", params=params, timeout=self.timeout_s)
         except httpx.TimeoutException:
             raise ProviderError(f"{self.describe()}: no answer within {self.timeout_s:g} s") from None
         except httpx.HTTPError as exc:
@@ -129,7 +139,7 @@ class PrometheusProvider:
             raise ProviderError(f"{self.describe()}: HTTP {response.status_code} ({_snippet(response.text)})")
         if not isinstance(body, dict) or body.get("status") != "success":
             raise ProviderError(f"{self.describe()}: not a Prometheus answer ({_snippet(response.text)})")
-        return _values(body.get("data"), self.describe())
+        return body.get("data")
 
 
 def _values(data: Any, source: str) -> list[float]:
@@ -232,10 +242,12 @@ def smoke(
     policy: Analysis | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     paths: Sequence[str] = SMOKE_PATHS,
+    client: httpx.Client | None = None,
 ) -> list[Measurement]:
     """Send `requests` GETs to a color directly; its error ratio (5xx or no answer) and p95 latency.
 
     Needs no Prometheus. A color that answers none of them is an error (it cannot be measured), not a fail.
+    `client` reaches a color that is not on this machine (through the API server's service proxy).
     """
     if requests < 1:
         raise ValueError("requests: accepted: 1 or more")
@@ -245,11 +257,11 @@ def smoke(
     latencies: list[float] = []
     failed = 0
     transport: list[str] = []
-    with httpx.Client(base_url=base_url, timeout=timeout_s) as client:
+    with client or httpx.Client(base_url=base_url, timeout=timeout_s) as http:
         for i in range(requests):
             started = time.perf_counter()
             try:
-                response = client.get(paths[i % len(paths)])
+                response = http.get(paths[i % len(paths)].lstrip("/"))
             except httpx.HTTPError as exc:
                 failed += 1
                 transport.append(_reason(exc))

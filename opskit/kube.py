@@ -1,7 +1,8 @@
-"""One small Kubernetes client: what the routers (and on-demand CloudNativePG backups) need, nothing more.
+"""One small Kubernetes client: what the deploy tooling and on-demand backups need, nothing more.
 
-`KubeClient` is the interface: `get`, `patch` (merge or JSON patch) and `create` on an API path such as
-`/apis/networking.istio.io/v1/namespaces/maximus-staging/virtualservices/hitl`. `HttpKubeClient` is the
+`KubeClient` is the interface: `get`, `patch` (merge or JSON patch), `create` and `delete` on an API path
+such as `/apis/networking.istio.io/v1/namespaces/maximus-staging/virtualservices/hitl`, and plain HTTP to a
+Service through the API server's service proxy (`service_client`). `HttpKubeClient` is the
 one production implementation, on httpx: a base URL, a bearer token and a CA bundle, a timeout on every
 call. Tests plug a fake Kubernetes API in at the HTTP boundary (`transport=`), never above it.
 
@@ -22,7 +23,7 @@ import json
 import os
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -88,6 +89,15 @@ class KubeClient(Protocol):
         """Create `body` in the collection at `api_path`; the object as created."""
         ...
 
+    def delete(self, api_path: str) -> None:
+        """Delete the object at `api_path` (already gone counts as deleted)."""
+        ...
+
+    def service_client(self, namespace: str, service: str, port: int, timeout_s: float) -> httpx.Client:
+        """Plain HTTP to a Service through the API server's service proxy: the client's base URL is
+        `.../namespaces/<namespace>/services/<service>:<port>/proxy`, with this client's credentials."""
+        ...
+
 
 # --- paths and resourceVersion -----------------------------------------------------------------------
 
@@ -126,6 +136,11 @@ def parse_path(api_path: str) -> PathInfo:
     if len(rest) > 2:  # a subresource: deployments/scale
         plural = f"{plural}/{rest[2]}"
     return PathInfo(plural, name, namespace)
+
+
+def service_proxy_path(namespace: str, service: str, port: int) -> str:
+    """The API server's proxy to a Service's port (RBAC: `get`/`create` on `services/proxy`)."""
+    return f"/api/v1/namespaces/{namespace}/services/{service}:{port}/proxy"
 
 
 def resource_version(obj: Mapping[str, Any]) -> str:
@@ -233,6 +248,7 @@ class HttpKubeClient:
         elif ca_file is not None:
             verify = _ssl_context(cafile=Path(ca_file))
         self.verify = verify
+        self._transport = transport
         self._http = httpx.Client(
             base_url=self.server,
             verify=verify,
@@ -362,6 +378,23 @@ class HttpKubeClient:
     def create(self, api_path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         return self._request("POST", api_path, dict(body), "application/json")
 
+    def delete(self, api_path: str) -> None:
+        try:
+            self._request("DELETE", api_path)
+        except KubeNotFound:
+            return
+
+    def service_client(self, namespace: str, service: str, port: int, timeout_s: float) -> httpx.Client:
+        return httpx.Client(
+            base_url=f"{self.server}{service_proxy_path(namespace, service, port)}",
+            verify=self.verify,
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_TIMEOUT_S)),
+            headers={"User-Agent": "maximus-ops"},
+            auth=_BearerAuth(self.headers),
+            transport=self._transport,
+            follow_redirects=False,
+        )
+
     def close(self) -> None:
         self._http.close()
 
@@ -420,7 +453,9 @@ class HttpKubeClient:
         if method == "POST" and info.name is None and isinstance(body, dict):  # name the object created
             info = PathInfo(info.plural, (body.get("metadata") or {}).get("name"), info.namespace)
         what = info.describe()
-        verb = {"GET": "get", "PATCH": "patch", "POST": "create"}.get(method, method.lower())
+        verb = {"GET": "get", "PATCH": "patch", "POST": "create", "DELETE": "delete"}.get(
+            method, method.lower()
+        )
         status = response.status_code
         message = _server_message(response)
         if status == 401:
@@ -451,6 +486,17 @@ class HttpKubeClient:
         if status == 422:
             return KubeError(f"invalid (422): the API server refused to {verb} {what}: {message}")
         return KubeError(f"the API server answered {status} to {verb} {what}: {message}")
+
+
+class _BearerAuth(httpx.Auth):
+    """The API server's bearer token on every proxied request, read when sent (token files rotate)."""
+
+    def __init__(self, headers: Callable[[], dict[str, str]]) -> None:
+        self._headers = headers
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers.update(self._headers())
+        yield request
 
 
 def _ssl_context(*, cafile: Path | None = None, cadata: str | None = None) -> ssl.SSLContext:
