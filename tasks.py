@@ -168,6 +168,33 @@ def deploy(
 
 
 @task(
+    name="scale-down",
+    help={
+        "env": ENV_HELP,
+        "dry_run": "say what would be stopped and change nothing",
+        "break_stale_lock": "break a lock left by a process that is no longer running",
+        "json": JSON_HELP,
+    },
+)
+def scale_down(
+    c: Context, env: str = "local", dry_run: bool = False, break_stale_lock: bool = False, json: bool = False
+) -> None:
+    """Stop the previous color once its rollback window has passed; run it on a schedule (idempotent)."""
+    with contract():
+        from opskit import deploy as deployments
+
+        report = deployments.scale_down(
+            load_environment(env), dry_run=dry_run, break_stale_lock=break_stale_lock
+        )
+        if json:
+            output.print_json(report.as_dict())
+        else:
+            what = f"{report.color} ({report.version})" if report.color else "nothing"
+            verb = "stopped" if report.done else "kept"
+            output.console.print(f"scale-down {report.environment}: {what} {verb}: {report.reason}")
+
+
+@task(
     help={
         "env": ENV_HELP,
         "reason": "why: recorded in the audit log and sent with the notification",
@@ -227,6 +254,18 @@ def audit_verify(c: Context, env: str = "local", json: bool = False) -> None:
             )
         if not report.ok:
             raise Exit(f"audit log of {env}: record {report.first_bad} is bad: {report.reason}", code=1)
+
+
+@task(help={"env": ENV_HELP, "json": JSON_HELP})
+def audit_annotate(c: Context, env: str = "local", json: bool = False) -> None:
+    """Post the audit log's deploys and rollbacks to Grafana as annotations, each once
+    ($MAXIMUS_GRAFANA_URL, $MAXIMUS_GRAFANA_TOKEN)."""
+    with contract():
+        from opskit import grafana
+
+        code = grafana.annotate_command(env, json)
+    if code:
+        raise Exit(code=code)
 
 
 @task(
@@ -589,6 +628,7 @@ namespace.add_task(health)
 namespace.add_task(demo)
 namespace.add_task(deploy)
 namespace.add_task(rollback)
+namespace.add_task(scale_down)
 namespace.add_task(loadtest)
 namespace.add_task(scan)
 db = Collection("db")
@@ -598,5 +638,6 @@ namespace.add_collection(db)
 namespace.add_task(drill)
 audit_tasks = Collection("audit")
 audit_tasks.add_task(audit_verify, name="verify")
+audit_tasks.add_task(audit_annotate, name="annotate")
 audit_tasks.add_task(audit_report, name="report")
 namespace.add_collection(audit_tasks)

@@ -20,6 +20,7 @@ from infra.common import (
     from_namespace,
     tcp,
 )
+from infra.monitoring import RELEASE as MONITORING_RELEASE
 
 POD_SECURITY_VERSION = "v1.31"
 ROLES = ("admin", "operator", "readonly")
@@ -315,7 +316,9 @@ class Baseline(Component):
                     opts=self.opts(depends_on=[self.namespaces[namespace]]),
                 )
         # The deploy tooling (invoke deploy / rollback): reads what a cutover looks at, patches only the
-        # two color Deployments (the idle color's image) and the one VirtualService (weights, active color).
+        # two color Deployments (the idle color's image) and the one VirtualService (weights, active color);
+        # keeps its deploy record in one ConfigMap and its lock in one Lease (`create` cannot be narrowed
+        # to a name, so the names it may change are listed separately).
         app = self.args.service_name
         k8s.core.v1.ServiceAccount(
             self.rname("deploy-sa"),
@@ -351,6 +354,20 @@ class Baseline(Component):
                 "resourceNames": [app],
                 "verbs": ["patch"],
             },
+            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+            {
+                "apiGroups": [""],
+                "resources": ["configmaps"],
+                "resourceNames": [f"{app}-deploy"],
+                "verbs": ["get", "patch"],
+            },
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+            {
+                "apiGroups": ["coordination.k8s.io"],
+                "resources": ["leases"],
+                "resourceNames": [f"{app}-deploy-lock"],
+                "verbs": ["get", "patch"],
+            },
         ]
         k8s.rbac.v1.Role(
             self.rname("deploy-role"),
@@ -358,10 +375,40 @@ class Baseline(Component):
             rules=bodies(deploy_rules),
             opts=self.opts(depends_on=[self.namespaces[ns.app]]),
         )
-        k8s.rbac.v1.RoleBinding(
-            self.rname("deploy-rolebinding"),
-            metadata=self.meta(DEPLOY_ACCOUNT, ns.app),
-            role_ref=body({"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": DEPLOY_ACCOUNT}),
-            subjects=bodies([{"kind": "ServiceAccount", "name": DEPLOY_ACCOUNT, "namespace": ns.app}]),
-            opts=self.opts(depends_on=[self.namespaces[ns.app]]),
-        )
+        # Beyond its namespace: the analysis reads Prometheus and notifications reach Alertmanager through
+        # the API server's service proxy; a breaking migration takes an on-demand database backup first.
+        elsewhere = {
+            ns.observability: [
+                {
+                    "apiGroups": [""],
+                    "resources": ["services/proxy"],
+                    "resourceNames": [
+                        f"{MONITORING_RELEASE}-prometheus:9090",
+                        f"{MONITORING_RELEASE}-alertmanager:9093",
+                    ],
+                    "verbs": ["get", "create"],
+                },
+            ],
+            ns.data: [
+                {"apiGroups": ["postgresql.cnpg.io"], "resources": ["backups"], "verbs": ["get", "create"]},
+                {"apiGroups": ["kafka.strimzi.io"], "resources": ["kafkatopics"], "verbs": ["get", "list"]},
+            ],
+        }
+        for namespace, rules in {ns.app: deploy_rules, **elsewhere}.items():
+            suffix = "" if namespace == ns.app else f"-{namespace}"
+            if namespace != ns.app:
+                k8s.rbac.v1.Role(
+                    self.rname(f"deploy-role{suffix}"),
+                    metadata=self.meta(DEPLOY_ACCOUNT, namespace),
+                    rules=bodies(rules),
+                    opts=self.opts(depends_on=[self.namespaces[namespace]]),
+                )
+            k8s.rbac.v1.RoleBinding(
+                self.rname(f"deploy-rolebinding{suffix}"),
+                metadata=self.meta(DEPLOY_ACCOUNT, namespace),
+                role_ref=body(
+                    {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": DEPLOY_ACCOUNT}
+                ),
+                subjects=bodies([{"kind": "ServiceAccount", "name": DEPLOY_ACCOUNT, "namespace": ns.app}]),
+                opts=self.opts(depends_on=[self.namespaces[namespace]]),
+            )

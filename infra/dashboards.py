@@ -21,6 +21,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import DataSourceRef
 
 from infra import slo
+from opskit.grafana import DEPLOY_TAG, ROLLBACK_TAG, env_tag
 from opskit.model import Environment
 
 # Written by the backup tooling (opskit/backup.py), with the labels service and environment.
@@ -35,8 +36,6 @@ TOOLING_METRICS = frozenset(
 PROMETHEUS = DataSourceRef(type_val="prometheus", uid="prometheus")
 GRAFANA = DataSourceRef(type_val="datasource", uid="grafana")
 TAGS = ["maximus"]
-# Annotations the deploy tooling posts to Grafana (POST /api/annotations) for its audit records.
-DEPLOY_TAG, ROLLBACK_TAG = "maximus-deploy", "maximus-rollback"
 EXPORTER_METRICS = frozenset(
     {
         "up",
@@ -58,6 +57,7 @@ EXPORTER_METRICS = frozenset(
         "kafka_consumergroup_lag",
         "kafka_server_brokertopicmetrics_messagesin_total",
         "kafka_server_brokertopicmetrics_bytesin_total",
+        "kafka_server_brokertopicmetrics_bytesout_total",
         "kube_deployment_status_condition",
         "kong_http_requests_total",
         "haproxy_frontend_http_responses_total",
@@ -192,7 +192,11 @@ def slo_dashboard(env: Environment) -> str:
     )
 
 
-def deployments(service: str) -> str:
+def deployments(service: str, environment: str) -> str:
+    """Deploy and rollback markers come from the audit log, posted to Grafana's own annotations by
+    `opskit.grafana` (tagged with the environment); the version-change query on Prometheus stays beside
+    them, so a release that started without the tooling (or before the annotations were synced) still
+    shows."""
     m = f"maximus_{service}"
     version_appears = (
         f"count by (color, version) ({m}_build_info)\n"
@@ -206,7 +210,11 @@ def deployments(service: str) -> str:
         .icon_color("blue")
         .type("tags")
         .target(
-            gdash.AnnotationTarget().type("tags").tags([DEPLOY_TAG, service]).match_any(False).limit(100)
+            gdash.AnnotationTarget()
+            .type("tags")
+            .tags([DEPLOY_TAG, env_tag(environment)])
+            .match_any(False)
+            .limit(100)
         ),
         gdash.AnnotationQuery()
         .name("rollbacks")
@@ -215,7 +223,11 @@ def deployments(service: str) -> str:
         .icon_color("red")
         .type("tags")
         .target(
-            gdash.AnnotationTarget().type("tags").tags([ROLLBACK_TAG, service]).match_any(False).limit(100)
+            gdash.AnnotationTarget()
+            .type("tags")
+            .tags([ROLLBACK_TAG, env_tag(environment)])
+            .match_any(False)
+            .limit(100)
         ),
         gdash.AnnotationQuery()
         .name("a version starts")
@@ -407,6 +419,17 @@ def kafka() -> str:
                 ],
                 "Bps",
             ),
+            PanelSpec(
+                "Bytes out per second per topic",
+                [
+                    Query(
+                        "sum by (topic) (rate(kafka_server_brokertopicmetrics_bytesout_total[5m]))",
+                        "{{topic}}",
+                    )
+                ],
+                "Bps",
+                width=24,
+            ),
         ],
     )
 
@@ -417,7 +440,7 @@ def dashboards(env: Environment) -> dict[str, str]:
     return {
         f"{name}-overview": service_overview(name),
         f"{name}-slo": slo_dashboard(env),
-        f"{name}-deployments": deployments(name),
+        f"{name}-deployments": deployments(name, env.name),
         "postgres": postgres(name),
         "redis": redis(),
         "kafka": kafka(),

@@ -5,7 +5,7 @@ exports consumer lag; a PodMonitor each lets Prometheus scrape them (port 9404, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pulumi
@@ -29,20 +29,52 @@ OPERATOR_SIZE = Resources(cpu_request="200m", memory_request="384Mi", cpu_limit=
 EXPORTER_SIZE = Resources(cpu_request="50m", memory_request="64Mi", cpu_limit="500m", memory_limit="256Mi")
 METRICS_CONFIG = f"{KAFKA_CLUSTER}-metrics"
 METRICS_KEY = "kafka-metrics-config.yml"
-# JMX MBean (as the exporter spells it) -> the Prometheus name the alerts below read.
-JMX_METRICS = {
-    "kafka.server<type=ReplicaManager, name=UnderReplicatedPartitions><>Value": (
-        "kafka_server_replicamanager_underreplicatedpartitions"
+
+
+@dataclass(frozen=True)
+class JmxRule:
+    """One rule of the Prometheus JMX exporter: `pattern` is a regular expression over the MBean as the
+    exporter spells it (`domain<key=value, ...><>attribute`), matched whole; `name` and the label values may
+    use its groups as `$1`, `$2`. With `lowercaseOutputName` the name is lowercased after substitution."""
+
+    pattern: str
+    name: str
+    type: str = "GAUGE"
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    def document(self) -> dict[str, object]:
+        rule: dict[str, object] = {"pattern": self.pattern, "name": self.name, "type": self.type}
+        if self.labels:
+            rule["labels"] = dict(self.labels)
+        return rule
+
+
+# Only the MBeans the alerts and the Kafka dashboard read. The per-topic throughput counters
+# (kafka_server_brokertopicmetrics_{messagesin,bytesin,bytesout}_total{topic=...}) take the topic from the
+# MBean; the broker-wide BrokerTopicMetrics MBeans (no `topic` key) are left out on purpose, so a
+# `sum by (topic)` never shows an unlabelled total beside the topics.
+JMX_RULES = (
+    JmxRule(
+        "kafka.server<type=ReplicaManager, name=UnderReplicatedPartitions><>Value",
+        "kafka_server_replicamanager_underreplicatedpartitions",
     ),
-    "kafka.controller<type=KafkaController, name=OfflinePartitionsCount><>Value": (
-        "kafka_controller_kafkacontroller_offlinepartitionscount"
+    JmxRule(
+        "kafka.controller<type=KafkaController, name=OfflinePartitionsCount><>Value",
+        "kafka_controller_kafkacontroller_offlinepartitionscount",
     ),
-}
+    JmxRule(
+        r"kafka.server<type=(BrokerTopicMetrics), name=(MessagesIn|BytesIn|BytesOut)PerSec, "
+        r"topic=(.+)><>Count",
+        "kafka_server_$1_$2_total",
+        "COUNTER",
+        {"topic": "$3"},
+    ),
+)
 
 
 def jmx_exporter_config() -> str:
-    """The Prometheus JMX exporter's configuration: only the MBeans the alerts need, as gauges."""
-    rules = [{"pattern": pattern, "name": name, "type": "GAUGE"} for pattern, name in JMX_METRICS.items()]
+    """The Prometheus JMX exporter's configuration: only the MBeans the alerts and dashboard need."""
+    rules = [rule.document() for rule in JMX_RULES]
     return yaml.safe_dump({"lowercaseOutputName": True, "rules": rules}, sort_keys=False)
 
 

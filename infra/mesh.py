@@ -35,6 +35,7 @@ PER_TRY_TIMEOUT = "2s"
 ROUTE_TIMEOUT = "10s"
 RETRY_ON = "5xx,reset,connect-failure,refused-stream,gateway-error"
 WEBSOCKET_PATH = "/hitl/ws"
+PREVIEW_HEADER = "x-maximus-color"  # the same header as opskit.routers.istio.PREVIEW_HEADER
 # The fields `invoke deploy` / `invoke rollback` own; Pulumi leaves them as the tooling set them.
 TRAFFIC_FIELDS = ("spec.http[*].route", f'metadata.annotations["{ACTIVE_COLOR_ANNOTATION}"]')
 ISTIOD_SIZE = Resources(cpu_request="200m", memory_request="512Mi", cpu_limit="1", memory_limit="2Gi")
@@ -202,6 +203,24 @@ class Mesh(Component):
             {
                 "hosts": [host],
                 "http": [
+                    # The pre-promotion analysis reaches the idle color through these; never switched.
+                    *(
+                        {
+                            "name": f"preview-{color}",
+                            "match": [{"headers": {PREVIEW_HEADER: {"exact": color}}}],
+                            "route": [
+                                {
+                                    "destination": {
+                                        "host": host,
+                                        "subset": color,
+                                        "port": {"number": args.service_port},
+                                    }
+                                }
+                            ],
+                            "timeout": ROUTE_TIMEOUT,
+                        }
+                        for color in COLORS
+                    ),
                     {
                         # WebSocket clients hold their connection: no route timeout, no retries.
                         "name": "websocket",

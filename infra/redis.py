@@ -9,6 +9,7 @@ or Cluster mode); an operator would add CRDs, its own images and an upgrade path
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -45,11 +46,21 @@ protected-mode yes
 port 6379
 include /etc/redis/secret/auth.conf
 """
-# redis_exporter: an exact release; it reads the password from the same Secret file Redis is given.
+# redis_exporter: an exact release. Its --redis.password-file (REDIS_PASSWORD_FILE) is not a plain
+# password: it is JSON mapping each Redis URI to its password, looked up by the address scraped (a plain
+# file fails to parse and the exporter exits). The Secret carries that map for REDIS_ADDR, next to the
+# plain password Redis and the probes read.
 EXPORTER_IMAGE = "oliver006/redis_exporter:v1.62.0"
 EXPORTER_PORT = 9121
+EXPORTER_REDIS_ADDR = f"redis://127.0.0.1:{PORT}"
+EXPORTER_AUTH_FILE = "exporter-auth.json"
 EXPORTER_SIZE = Resources(cpu_request="50m", memory_request="32Mi", cpu_limit="200m", memory_limit="64Mi")
 PING = 'REDISCLI_AUTH="$(cat /etc/redis/secret/password)" redis-cli -h 127.0.0.1 ping | grep -q PONG'
+
+
+def exporter_password_map(password: str) -> str:
+    """redis_exporter's password file: the Redis URI it scrapes -> the password, as JSON."""
+    return json.dumps({EXPORTER_REDIS_ADDR: password})
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,7 @@ class Redis(Component):
             string_data={
                 "password": args.password,
                 "auth.conf": args.password.apply(lambda p: f"requirepass {p}\n"),
+                EXPORTER_AUTH_FILE: args.password.apply(exporter_password_map),
             },
             opts=self.opts(),
         )
@@ -113,15 +125,15 @@ class Redis(Component):
                 {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - a private emptyDir
             ],
         }
-        # redis_exporter beside Redis: same pod (so `pod` names the Redis instance), same Secret file.
+        # redis_exporter beside Redis: same pod (so `pod` names the Redis instance), same Secret.
         exporter_health = {"httpGet": {"path": "/health", "port": "metrics"}, "timeoutSeconds": 3}
         exporter = {
             "name": "redis-exporter",
             "image": EXPORTER_IMAGE,
             "imagePullPolicy": "Always",
             "env": [
-                {"name": "REDIS_ADDR", "value": f"redis://127.0.0.1:{PORT}"},
-                {"name": "REDIS_PASSWORD_FILE", "value": "/etc/redis/secret/password"},
+                {"name": "REDIS_ADDR", "value": EXPORTER_REDIS_ADDR},
+                {"name": "REDIS_PASSWORD_FILE", "value": f"/etc/redis/secret/{EXPORTER_AUTH_FILE}"},
                 {"name": "REDIS_EXPORTER_WEB_LISTEN_ADDRESS", "value": f":{EXPORTER_PORT}"},
             ],
             "ports": [{"name": "metrics", "containerPort": EXPORTER_PORT, "protocol": "TCP"}],

@@ -50,6 +50,8 @@ MIN_RANGE_S = 4 * SCRAPE_INTERVAL_S  # rate() needs at least two samples; four l
 PROBE_ROUTES = ("/healthz", "/readyz", "/metrics")
 SMOKE_PATHS = ("/hitl/patches/pending", "/hitl/analytics/summary", "/version", "/healthz")
 DEFAULT_TIMEOUT_S = 5.0
+COLOR_HEADER = "X-App-Color"  # every answer of the workload names the color that gave it
+REFUSED_BY_EDGE = (401, 403)
 
 
 def _now() -> str:
@@ -243,11 +245,14 @@ def smoke(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     paths: Sequence[str] = SMOKE_PATHS,
     client: httpx.Client | None = None,
+    expect: tuple[str, str] | None = None,
 ) -> list[Measurement]:
     """Send `requests` GETs to a color directly; its error ratio (5xx or no answer) and p95 latency.
 
     Needs no Prometheus. A color that answers none of them is an error (it cannot be measured), not a fail.
-    `client` reaches a color that is not on this machine (through the API server's service proxy).
+    `client` reaches a color that is not on this machine (through its cluster's gateway). Answers that
+    did not come from the release are not measurements: a 401 or 403 (the gateway refused the request),
+    or a non-5xx answer without the `expect`ed header (another color answered).
     """
     if requests < 1:
         raise ValueError("requests: accepted: 1 or more")
@@ -257,6 +262,7 @@ def smoke(
     latencies: list[float] = []
     failed = 0
     transport: list[str] = []
+    unmeasured: list[str] = []
     with client or httpx.Client(base_url=base_url, timeout=timeout_s) as http:
         for i in range(requests):
             started = time.perf_counter()
@@ -266,24 +272,40 @@ def smoke(
                 failed += 1
                 transport.append(_reason(exc))
                 continue
-            latencies.append((time.perf_counter() - started) * 1000)
+            elapsed = (time.perf_counter() - started) * 1000
+            if response.status_code in REFUSED_BY_EDGE:
+                unmeasured.append(f"HTTP {response.status_code}: the gateway refused the request")
+                continue
+            if expect and response.status_code < 500 and response.headers.get(expect[0]) != expect[1]:
+                answered = response.headers.get(expect[0])
+                unmeasured.append(f"answered with {expect[0]}: {answered}, not {expect[1]}")
+                continue
+            latencies.append(elapsed)
             if response.status_code >= 500:
                 failed += 1
     ratio_t, latency_t = policy.error_ratio_max, float(policy.latency_p95_ms_max)
     if not latencies:
-        detail = f"{base_url} answered none of {requests} requests ({transport[0]})"
-        return [
-            Measurement(SMOKE_ERROR_RATIO, described, "error", None, ratio_t, detail),
-            Measurement(SMOKE_LATENCY_P95, described, "error", None, latency_t, detail),
-        ]
-    ratio = failed / requests
+        why = (unmeasured or transport)[0]
+        return not_measured(described, f"{base_url} answered none of {requests} requests ({why})", policy)
+    measured = requests - len(unmeasured)
+    ratio = failed / measured
     p95 = round(_nearest_rank(latencies, 0.95), 2)
     note = f"; {len(transport)} without an answer ({transport[0]})" if transport else ""
+    if unmeasured:
+        note += f"; {len(unmeasured)} not measured ({unmeasured[0]})"
     ratio_m = judge(SMOKE_ERROR_RATIO, described, [ratio], ratio_t)
     latency_m = judge(SMOKE_LATENCY_P95, described, [p95], latency_t)
     return [
-        replace(ratio_m, detail=f"{failed}/{requests} failed; {ratio_m.detail}{note}"),
+        replace(ratio_m, detail=f"{failed}/{measured} failed; {ratio_m.detail}{note}"),
         replace(latency_m, detail=f"{len(latencies)} answers; {latency_m.detail}"),
+    ]
+
+
+def not_measured(described: str, detail: str, policy: Analysis) -> list[Measurement]:
+    """A smoke that could not measure: an error for each measurement, never a pass or a fail."""
+    return [
+        Measurement(SMOKE_ERROR_RATIO, described, "error", None, policy.error_ratio_max, detail),
+        Measurement(SMOKE_LATENCY_P95, described, "error", None, float(policy.latency_p95_ms_max), detail),
     ]
 
 
@@ -478,15 +500,21 @@ def run_smoke(
     """The pre-promotion analysis of a single-machine environment's idle color: smoke its port, decide."""
     started = time.monotonic()
     url = localenv.endpoints(env)[localenv.program_name(env, color)]
-    taken = smoke(url, requests, policy=env.deploy.analysis, timeout_s=timeout_s)
+    taken = smoke(
+        url, requests, policy=env.deploy.analysis, timeout_s=timeout_s, expect=(COLOR_HEADER, color)
+    )
     if on_measure is not None:
         for measurement in taken:
             on_measure(measurement)
+    return smoke_report(env, color, f"smoke to {url}", taken, time.monotonic() - started)
+
+
+def smoke_report(
+    env: Environment, color: Color, source: str, taken: list[Measurement], seconds: float
+) -> AnalysisReport:
+    """The pre-promotion verdict on a smoke's measurements."""
     evaluation = evaluate(taken, env.deploy.analysis, "pre", env_name=env.name)
-    seconds = time.monotonic() - started
-    return _report(
-        env, color, "pre", source=f"smoke to {url}", evaluation=evaluation, taken=taken, seconds=seconds
-    )
+    return _report(env, color, "pre", source=source, evaluation=evaluation, taken=taken, seconds=seconds)
 
 
 def _report(

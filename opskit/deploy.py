@@ -1,11 +1,15 @@
-"""Blue-green deployments on a single-machine environment: a persisted state machine.
+"""Blue-green deployments: a persisted state machine, the same on every kind of environment.
 
 preflight -> [backup] -> start-color -> wait-ready -> analysis-pre -> switch -> analysis-post -> done
 
-Each step is written to `state.json` and to the audit log before it takes effect, so a deploy killed at
-any point can be resumed (`--resume`: the step runs again; every step is idempotent) or undone
-(`--abort`). Traffic moves only in `switch`, in one atomic router change: it is never split.
-After `done` the previous color stays warm for the model's rollback window, so `rollback` is one switch.
+Each step is persisted (the state file of a single-machine environment, a ConfigMap on a cluster) and
+written to the audit log before it takes effect, so a deploy killed at any point can be resumed
+(`--resume`: the step runs again; every step is idempotent) or undone (`--abort`). Traffic moves only in
+`switch`, in one atomic router change: it is never split. After `done` the previous color stays warm for
+the model's rollback window, so `rollback` is one switch.
+
+Where a deploy runs is a `Target`: `LocalTarget` here (supervisord processes behind HAProxy),
+`opskit.kubedeploy.ClusterTarget` for Kubernetes (Deployments behind an Istio VirtualService).
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, cast
 
 import httpx
 import yaml
@@ -29,7 +34,6 @@ from opskit import (
     backup,
     envstate,
     health,
-    kuberollout,
     localenv,
     lock,
     notify,
@@ -37,7 +41,8 @@ from opskit import (
     traffic,
 )
 from opskit.errors import BadInput, OperationFailed, OpsError
-from opskit.model import COLORS, ROOT, Environment, Faults
+from opskit.model import COLORS, ROOT, Color, Environment, Faults
+from opskit.routers import Router
 
 Migration = Literal["none", "compatible", "breaking"]
 Outcome = Literal["done", "aborted", "rolled-back", "held", "planned"]
@@ -62,6 +67,7 @@ STOP_AFTER_VAR = "MAXIMUS_DRILL_KILL_AFTER_STEP"
 READY_POLL_S = 0.5
 SMOKE_REQUESTS = 100  # enough that a release failing 10% of requests is caught before any user sees it
 Events = Callable[[str], None]
+OnMeasure = Callable[[analysis.Measurement], None]
 
 
 def _now() -> datetime:
@@ -167,18 +173,126 @@ class DeployReport:
         }
 
 
+# --- where a deploy runs ------------------------------------------------------------------------------------
+
+
+class Target(Protocol):
+    """What the state machine needs of an environment. `state.colors` is what should run: each color in it
+    runs its version, the others are stopped (scaled to zero on a cluster)."""
+
+    env: Environment
+    router: Router
+    log: audit.AuditLog
+    sleep: Callable[[float], None]
+    clock: Callable[[], float]
+
+    def read_state(self) -> envstate.EnvState: ...
+
+    def write_state(self, state: envstate.EnvState) -> None: ...
+
+    def run_colors(self, state: envstate.EnvState) -> None:
+        """Make what runs match `state.colors` (already persisted)."""
+        ...
+
+    def wait_ready(self, color: str) -> str | None:
+        """None once `color` is ready to take traffic, else why not by the model's deadline."""
+        ...
+
+    def smoke(
+        self, color: str, on_measure: Callable[[analysis.Measurement], None]
+    ) -> analysis.AnalysisReport:
+        """The pre-promotion analysis: real requests to `color` alone."""
+        ...
+
+    def metrics(self) -> analysis.MetricProvider: ...
+
+    def unhealthy(self) -> list[str]:
+        """The required health checks that do not pass (empty: healthy)."""
+        ...
+
+    def lock(self, operation: str, break_stale: bool) -> AbstractContextManager[Any]: ...
+
+    def mark_needs_restore(self, needed: bool) -> None:
+        """Record on the router whether rolling back needs the database restored first."""
+        ...
+
+    def notify(self, name: str, *, severity: str, summary: str, description: str, runbook: str) -> str: ...
+
+    def backup(self) -> str:
+        """A fresh verified database backup; its id."""
+        ...
+
+
+class LocalTarget:
+    """A single-machine environment: supervisord's workload programs behind HAProxy, state in state.json."""
+
+    def __init__(self, env: Environment) -> None:
+        self.env = env.require_local()
+        self.router: Router = localenv.router(env)
+        self.log = audit.for_environment(env)
+        self.sleep: Callable[[float], None] = time.sleep
+        self.clock: Callable[[], float] = time.monotonic
+
+    def read_state(self) -> envstate.EnvState:
+        return envstate.read_state(self.env)
+
+    def write_state(self, state: envstate.EnvState) -> None:
+        envstate.write_state(self.env, state)
+
+    def run_colors(self, state: envstate.EnvState) -> None:
+        localenv.apply_colors(self.env)  # reads the state just written
+
+    def wait_ready(self, color: str) -> str | None:
+        return wait_ready(self.env, self.router, color)
+
+    def smoke(
+        self, color: str, on_measure: Callable[[analysis.Measurement], None]
+    ) -> analysis.AnalysisReport:
+        return analysis.run_smoke(self.env, cast("Color", color), SMOKE_REQUESTS, on_measure=on_measure)
+
+    def metrics(self) -> analysis.MetricProvider:
+        return analysis.provider_for(self.env)
+
+    def unhealthy(self) -> list[str]:
+        return [c.name for c in health.check_environment(self.env).checks if c.required and not c.ok]
+
+    def lock(self, operation: str, break_stale: bool) -> AbstractContextManager[Any]:
+        return lock.hold(self.env, operation, break_stale=break_stale)
+
+    def mark_needs_restore(self, needed: bool) -> None:
+        """state.json's `previous.needs_restore` carries it here."""
+
+    def notify(self, name: str, *, severity: str, summary: str, description: str, runbook: str) -> str:
+        return notify.send(
+            self.env, name, severity=severity, summary=summary, description=description, runbook=runbook
+        )
+
+    def backup(self) -> str:
+        return backup.backup_and_verify(self.env)
+
+
+def target_for(env: Environment) -> Target:
+    if env.kind == "kubernetes":
+        # imported when used: the cluster side imports this module's state machine
+        from opskit import kubedeploy  # noqa: PLC0415
+
+        return kubedeploy.ClusterTarget.connect(env)
+    return LocalTarget(env)
+
+
 # --- the machine --------------------------------------------------------------------------------------------
 
 
 class Deployment:
     """One deploy of one environment, driven step by step from the persisted state."""
 
-    def __init__(self, env: Environment, events: Events | None = None) -> None:
-        self.env = env
-        self.log = audit.for_environment(env)
+    def __init__(self, target: Target, events: Events | None = None) -> None:
+        self.target = target
+        self.env = target.env
+        self.log = target.log
         self.events = events or (lambda _line: None)
-        self.state = envstate.read_state(env)
-        self.router = localenv.router(env)
+        self.state = target.read_state()
+        self.router = target.router
 
     @property
     def record(self) -> dict[str, Any]:
@@ -197,7 +311,7 @@ class Deployment:
         )
 
     def _persist(self) -> None:
-        envstate.write_state(self.env, self.state)
+        self.target.write_state(self.state)
 
     def advance(self, step: str, detail: str = "") -> None:
         """Persist the step, then audit it, then (for drills) die right here if asked to."""
@@ -226,19 +340,17 @@ class Deployment:
         to = self.record["to"]
         self.state.colors[to["color"]] = {"version": to["version"], "faults": to["faults"]}
         self._persist()
-        localenv.apply_colors(self.env)
+        self.target.run_colors(self.state)
 
     def wait_ready(self) -> None:
         color = self.record["to"]["color"]
-        problem = wait_ready(self.env, self.router, color)
+        problem = self.target.wait_ready(color)
         if problem is not None:
             raise _Abort(problem)
 
     def analyse_pre(self) -> None:
         color = self.record["to"]["color"]
-        result = analysis.run_smoke(
-            self.env, color, SMOKE_REQUESTS, on_measure=lambda m: self.events(_measured(m))
-        )
+        result = self.target.smoke(color, lambda m: self.events(_measured(m)))
         self.record.setdefault("analyses", []).append(result.as_dict())
         self._persist()
         if result.outcome != "promote":
@@ -247,6 +359,7 @@ class Deployment:
     def switch(self) -> None:
         d = self.record
         self.router.switch(d["to"]["color"])
+        self.target.mark_needs_restore(d["migration"] == "breaking")
         self.state.active = d["to"]["color"]
         warm_until = _now() + timedelta(seconds=self.env.deploy.rollback_window_s)
         self.state.previous = {
@@ -260,11 +373,13 @@ class Deployment:
     def analyse_post(self) -> Outcome:
         color = self.record["to"]["color"]
         result = analysis.run_analysis(
-            analysis.provider_for(self.env),
+            self.target.metrics(),
             self.env,
             color,
             "post",
             on_measure=lambda m: self.events(_measured(m)),
+            sleep=self.target.sleep,
+            clock=self.target.clock,
         )
         self.record.setdefault("analyses", []).append(result.as_dict())
         self._persist()
@@ -281,8 +396,7 @@ class Deployment:
         self.record["reason"] = reason
         self._persist()
         self.log.write(self.env.name, "deploy.held", deploy=self.record["id"], reason=reason)
-        notify.send(
-            self.env,
+        self.target.notify(
             "MaximusDeployHeld",
             severity="warning",
             summary=f"deploy {self.record['id']} of {self.env.name} is held",
@@ -295,13 +409,14 @@ class Deployment:
         """Automatic rollback: back to the warm previous color, the new one stopped."""
         d = self.record
         self.router.switch(d["from"]["color"])
+        self.target.mark_needs_restore(False)
         self.state.active = d["from"]["color"]
         self.state.previous = d.get("previous_before")
         self.state.colors.pop(d["to"]["color"], None)
         self._expire_replaced_previous()
         d["state"], d["reason"] = "rolled-back", reason
         self._persist()
-        localenv.apply_colors(self.env)
+        self.target.run_colors(self.state)
         self.log.write(
             self.env.name,
             "rollback",
@@ -311,8 +426,7 @@ class Deployment:
             to=d["from"]["color"],
             version=d["from"]["version"],
         )
-        notify.send(
-            self.env,
+        self.target.notify(
             "MaximusRollback",
             severity="warning",
             summary=f"{self.env.name}: release {d['version']} rolled back automatically",
@@ -331,6 +445,7 @@ class Deployment:
         d = self.record
         if self.state.active == d["to"]["color"] or self.router.routing().active == d["to"]["color"]:
             self.router.switch(d["from"]["color"])
+            self.target.mark_needs_restore(False)
             self.state.active = d["from"]["color"]
             self.state.previous = d.get("previous_before")
         if d["to"]["color"] != self.state.active:
@@ -338,7 +453,7 @@ class Deployment:
         self._expire_replaced_previous()
         d["state"], d["reason"] = "aborted", reason
         self._persist()
-        localenv.apply_colors(self.env)
+        self.target.run_colors(self.state)
         self.log.write(self.env.name, "deploy.aborted", deploy=d["id"], reason=reason)
         return "aborted"
 
@@ -367,7 +482,7 @@ class Deployment:
         try:
             if order <= STEPS.index("backup") and d["migration"] == "breaking" and not d.get("backup"):
                 self.advance("backup", "a verified backup before a breaking migration")
-                d["backup"] = take_verified_backup(self.env)
+                d["backup"] = self.target.backup()
                 self._persist()
             if order <= STEPS.index("start-color"):
                 self.advance("start-color", f"{d['to']['color']} gets {d['version']}")
@@ -406,10 +521,6 @@ def _measured(m: analysis.Measurement) -> str:
     return f"  {m.verdict:<7} {m.name} = {value} (threshold {m.threshold:g}) {m.detail}"
 
 
-def take_verified_backup(env: Environment) -> str:
-    return backup.backup_and_verify(env)
-
-
 # --- the commands -------------------------------------------------------------------------------------------
 
 
@@ -431,6 +542,7 @@ def deploy(
     dry_run: bool = False,
     break_stale_lock: bool = False,
     events: Events | None = None,
+    target: Target | None = None,
 ) -> DeployReport:
     if resume and abort:
         raise BadInput("--resume and --abort: choose one")
@@ -452,9 +564,9 @@ def deploy(
             actor=audit.actor(),
         )
         commit = audit_report.commit_fields()
-    env = env.require_local()
+    target = target or target_for(env)
     if dry_run:
-        state = envstate.read_state(env)
+        state = target.read_state()
         planned = DeployReport(
             env.name,
             "dry-run",
@@ -466,8 +578,8 @@ def deploy(
         )
         planned.steps = [{"step": s, "at": None, "detail": "planned"} for s in STEPS]
         return planned
-    with lock.hold(env, "deploy", break_stale=break_stale_lock):
-        machine = Deployment(env, events)
+    with target.lock("deploy", break_stale_lock):
+        machine = Deployment(target, events)
         state = machine.state
         if resume or abort:
             if not _interrupted(state):
@@ -530,9 +642,8 @@ def deploy(
 
 
 def _preflight(env: Environment, machine: Deployment) -> None:
-    report = health.check_environment(env)
     state = machine.state
-    failing = [c.name for c in report.checks if c.required and not c.ok]
+    failing = machine.target.unhealthy()
     if failing:
         raise OperationFailed(
             f"preflight: {env.name} is not healthy ({', '.join(failing)}); "
@@ -543,6 +654,57 @@ def _preflight(env: Environment, machine: Deployment) -> None:
             f"preflight: the edge routes to {machine.router.routing().active} but the state "
             f"says {state.active}; run `invoke status --env {env.name}` and fix it first"
         )
+
+
+# --- the end of the rollback window -------------------------------------------------------------------------
+
+
+@dataclass
+class ScaleDownReport:
+    environment: str
+    color: str | None
+    version: str | None
+    warm_until: str | None
+    done: bool
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "environment": self.environment,
+            "color": self.color,
+            "version": self.version,
+            "warm_until": self.warm_until,
+            "done": self.done,
+            "reason": self.reason,
+        }
+
+
+def scale_down(
+    env: Environment, *, dry_run: bool = False, break_stale_lock: bool = False, target: Target | None = None
+) -> ScaleDownReport:
+    """Stop the previous color once its rollback window has passed (after that a rollback redeploys it).
+    Idempotent; nothing happens while a deploy is interrupted or held, or before the window ends."""
+    target = target or target_for(env)
+    with target.lock("scale-down", break_stale_lock):
+        state = target.read_state()
+        previous = state.previous or {}
+        color, version, until = previous.get("color"), previous.get("version"), previous.get("warm_until")
+        report = ScaleDownReport(env.name, color, version, until, done=False, reason="")
+        if _interrupted(state):
+            report.reason = f"deploy {state.deploy.get('id')} is {state.deploy['state']}: it decides first"
+        elif not color or color == state.active or state.colors.get(color, {}).get("version") != version:
+            report.reason = "no previous release is running"
+        elif until and datetime.fromisoformat(until) > _now():
+            report.reason = f"still warm: its rollback window ends at {until}"
+        elif dry_run:
+            report.reason = "planned: nothing changed (--dry-run)"
+        else:
+            state.colors.pop(color)
+            target.write_state(state)
+            target.run_colors(state)
+            target.log.write(env.name, "deploy.scaled-down", color=color, version=version, warm_until=until)
+            report.done, report.reason = True, "its rollback window has passed; a rollback now redeploys it"
+        return report
 
 
 # --- rollback -----------------------------------------------------------------------------------------------
@@ -593,7 +755,9 @@ def rollback(
 ) -> RollbackReport:
     """Back to the previous release: one switch when its color is warm, else a redeploy of it."""
     if env.kind == "kubernetes":
-        return kuberollout.rollback(env, kuberollout.client_for(env), reason=reason, force=force)
+        from opskit import kubedeploy  # noqa: PLC0415 - see target_for
+
+        return kubedeploy.rollback(env, reason=reason, force=force, break_stale_lock=break_stale_lock)
     env = env.require_local()
     started = time.monotonic()
     reason = reason or "no reason given"

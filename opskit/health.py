@@ -9,24 +9,30 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Literal
 
 import httpx
 import psycopg
 import redis.asyncio as aioredis
 
-from opskit import envstate, localenv
+from opskit import envstate, kuberollout, localenv
 from opskit.errors import BadInput, OperationFailed
+from opskit.kube import KubeClient, KubeError
 from opskit.model import COLORS, Environment
+from opskit.routers import RouterError
 
 Verdict = Literal["pass", "fail", "timeout"]
 Probe = Callable[[], Awaitable[str]]
 
 HTTP_TIMEOUT_S = 2.0
 DATABASE_TIMEOUT_S = 3.0
+KUBE_TIMEOUT_S = 5.0
+GATEWAY_KEY_VAR = "MAXIMUS_GATEWAY_API_KEY"
 
 
 @dataclass(frozen=True)
@@ -216,10 +222,125 @@ def local_checks(env: Environment, color: str | None = None) -> list[Check]:
     return checks
 
 
-def check_environment(env: Environment, color: str | None = None) -> HealthReport:
-    if env.kind != "local":
-        raise OperationFailed(
-            f"environment {env.name}: health of a {env.kind} environment needs cluster access, which this "
-            "machine has not; not measured, so not healthy"
+# --- a cluster ----------------------------------------------------------------------------------------------
+
+
+def _in_thread(call: Callable[[], str]) -> Probe:
+    """A blocking check (the Kubernetes client is synchronous) as a probe bounded by its timeout."""
+
+    async def probe() -> str:
+        return await asyncio.to_thread(call)
+
+    return probe
+
+
+def _routing(env: Environment, client: KubeClient) -> str:
+    routing = kuberollout.router_for(env, client).routing()
+    if routing.active is None:
+        raise OperationFailed(f"traffic is split {routing.weights}; `invoke status` shows the deploy")
+    return f"all traffic to {routing.active}"
+
+
+def _color(env: Environment, client: KubeClient, color: str) -> str:
+    deployment = kuberollout.read_deployment(client, env, color)
+    if deployment is None:
+        raise OperationFailed(f"Deployment {kuberollout.deployment_name(env, color)} does not exist")
+    ready, wanted = kuberollout.ready_replicas(deployment), env.service.replicas.min
+    version = kuberollout.deployment_version(deployment)
+    if ready < wanted:
+        raise OperationFailed(f"{ready}/{wanted} replicas ready ({version})")
+    return f"{ready} replicas ready ({version})"
+
+
+def _proxied_ready(http: Callable[[], httpx.Client]) -> Callable[[], str]:
+    def call() -> str:
+        with http() as client:
+            response = client.get("-/ready")
+        if response.status_code != 200:
+            raise OperationFailed(f"HTTP {response.status_code}: {response.text.strip()[:120]}")
+        return f"HTTP {response.status_code}"
+
+    return call
+
+
+def _edge(env: Environment, edge: str, transport: httpx.BaseTransport | None) -> Callable[[], str]:
+    def call() -> str:
+        key = os.environ.get(GATEWAY_KEY_VAR)
+        if not key:
+            raise OperationFailed(f"${GATEWAY_KEY_VAR} is not set: the gateway cannot be asked")
+        with httpx.Client(base_url=edge, transport=transport, timeout=None) as client:  # noqa: S113 - bounded
+            response = client.get("healthz", headers={"X-API-Key": key})
+        if response.status_code != 200:
+            raise OperationFailed(f"HTTP {response.status_code}: {response.text.strip()[:120]}")
+        return f"HTTP 200 from {response.headers.get('X-App-Color', '?')}"
+
+    return call
+
+
+def cluster_checks(
+    env: Environment,
+    client: KubeClient,
+    color: str | None = None,
+    edge_transport: httpx.BaseTransport | None = None,
+) -> list[Check]:
+    """The checks of a Kubernetes environment, all through its API server (and its gateway)."""
+    if color is not None and color not in COLORS:
+        raise BadInput(f"--color: {color!r} is not a color; accepted: {', '.join(COLORS)}")
+    try:
+        active = kuberollout.router_for(env, client).routing().active
+    except (RouterError, KubeError):
+        active = None  # the routing check says why
+    namespace = kuberollout.observability_namespace(env)
+    api = "kubernetes API"
+    checks = [
+        Check("routing", api, True, KUBE_TIMEOUT_S, _in_thread(lambda: _routing(env, client))),
+        Check(
+            "prometheus",
+            f"{kuberollout.PROMETHEUS_SERVICE}.{namespace}",
+            True,
+            KUBE_TIMEOUT_S,
+            _in_thread(_proxied_ready(lambda: kuberollout.prometheus(env, client).client)),
+        ),
+        Check(
+            "alertmanager",
+            f"{kuberollout.ALERTMANAGER_SERVICE}.{namespace}",
+            True,
+            KUBE_TIMEOUT_S,
+            _in_thread(_proxied_ready(lambda: kuberollout.alertmanager(env, client))),
+        ),
+    ]
+    edge = kuberollout.edge(env)
+    if edge is not None:
+        checks.append(Check("edge", edge, True, HTTP_TIMEOUT_S, _in_thread(_edge(env, edge, edge_transport))))
+    for each in COLORS:
+        if color is not None and each != color:
+            continue
+        required = each in (color, active)
+        if not required:
+            deployment = kuberollout.read_deployment(client, env, each)
+            if deployment is None or kuberollout.desired_replicas(deployment) == 0:
+                continue  # scaled down: nothing to check
+        name = kuberollout.deployment_name(env, each)
+        checks.append(
+            Check(
+                f"workload-{each}",
+                name,
+                required,
+                KUBE_TIMEOUT_S,
+                _in_thread(partial(_color, env, client, each)),
+            )
         )
+    return checks
+
+
+def check_environment(
+    env: Environment,
+    color: str | None = None,
+    *,
+    client: KubeClient | None = None,
+    edge_transport: httpx.BaseTransport | None = None,
+) -> HealthReport:
+    if env.kind == "kubernetes":
+        client = client or kuberollout.client_for(env)
+        return asyncio.run(run_checks(env.name, cluster_checks(env, client, color, edge_transport)))
     return asyncio.run(run_checks(env.name, local_checks(env, color)))

@@ -22,9 +22,11 @@ import binascii
 import json
 import os
 import ssl
+import subprocess
 import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -44,6 +46,8 @@ CONFLICT_ATTEMPTS = 5
 CONFLICT_BACKOFF_S = 0.05
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MAX_SERVER_MESSAGE = 300
+EXEC_TIMEOUT_S = 30.0
+EXEC_TOKEN_MARGIN = timedelta(seconds=60)
 
 
 class KubeError(OperationFailed):
@@ -231,6 +235,7 @@ class HttpKubeClient:
         *,
         token: str | None = None,
         token_file: str | Path | None = None,
+        exec_plugin: ExecPlugin | None = None,
         ca_file: str | Path | None = None,
         ca_data: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -242,6 +247,7 @@ class HttpKubeClient:
         self.timeout_s = timeout_s
         self._token = token
         self._token_file = Path(token_file) if token_file else None
+        self._exec = exec_plugin
         verify: ssl.SSLContext | bool = True
         if ca_data is not None:
             verify = _ssl_context(cadata=ca_data)
@@ -314,20 +320,22 @@ class HttpKubeClient:
                 raise KubeConfigError(f"{where}: certificate-authority-data is not base64 PEM") from exc
         elif cluster.get("certificate-authority"):
             ca_file = path.parent / str(cluster["certificate-authority"])  # relative to the kubeconfig
-        for unsupported in ("exec", "auth-provider", "client-certificate", "client-certificate-data"):
+        for unsupported in ("auth-provider", "client-certificate", "client-certificate-data"):
             if user.get(unsupported):
                 raise KubeConfigError(
                     f"{where}: user {ctx.get('user')} authenticates with {unsupported}, which is not "
-                    "supported; use a token (kubectl create token maximus-deploy) in the user's `token`"
+                    "supported; use a token (kubectl create token maximus-deploy) or an exec plugin"
                 )
         token = user.get("token")
         token_file = user.get("tokenFile")
-        if not token and not token_file:
-            raise KubeConfigError(f"{where}: user {ctx.get('user')} has no token or tokenFile")
+        plugin = ExecPlugin.from_config(user["exec"], where) if user.get("exec") else None
+        if not token and not token_file and plugin is None:
+            raise KubeConfigError(f"{where}: user {ctx.get('user')} has no token, tokenFile or exec plugin")
         return cls(
             server,
             token=str(token) if token else None,
             token_file=(path.parent / str(token_file)) if token_file and not token else None,
+            exec_plugin=plugin if not (token or token_file) else None,
             ca_file=ca_file,
             ca_data=ca_data,
             timeout_s=timeout_s,
@@ -409,7 +417,9 @@ class HttpKubeClient:
     def headers(self) -> dict[str, str]:
         """The per-request headers: the bearer token (read from its file when it comes from one)."""
         token = self._token
-        if self._token_file is not None:
+        if self._exec is not None:
+            token = self._exec.token()
+        elif self._token_file is not None:
             try:
                 token = self._token_file.read_text().strip()
             except OSError as exc:
@@ -486,6 +496,61 @@ class HttpKubeClient:
         if status == 422:
             return KubeError(f"invalid (422): the API server refused to {verb} {what}: {message}")
         return KubeError(f"the API server answered {status} to {verb} {what}: {message}")
+
+
+class ExecPlugin:
+    """A kubeconfig user's `exec` credential plugin (`aws eks get-token`, `gke-gcloud-auth-plugin`, ...):
+    run it, read the bearer token from the ExecCredential it prints, reuse it until shortly before it
+    expires."""
+
+    def __init__(self, command: list[str], environment: dict[str, str], api_version: str, where: str) -> None:
+        self.command = command
+        self.environment = environment
+        self.api_version = api_version
+        self.where = where
+        self._token: str | None = None
+        self._expires: datetime | None = None
+
+    @classmethod
+    def from_config(cls, config: Any, where: str) -> ExecPlugin:
+        if not isinstance(config, dict) or not isinstance(config.get("command"), str):
+            raise KubeConfigError(f"{where}: the user's exec plugin has no command")
+        args = config.get("args") or []
+        variables = {str(e["name"]): str(e["value"]) for e in config.get("env") or [] if "name" in e}
+        api_version = str(config.get("apiVersion") or "client.authentication.k8s.io/v1beta1")
+        return cls([config["command"], *map(str, args)], variables, api_version, where)
+
+    def token(self) -> str:
+        now = datetime.now(UTC)
+        if self._token and (self._expires is None or now < self._expires - EXEC_TOKEN_MARGIN):
+            return self._token
+        info = {"apiVersion": self.api_version, "kind": "ExecCredential", "spec": {"interactive": False}}
+        environment = {**os.environ, **self.environment, "KUBERNETES_EXEC_INFO": json.dumps(info)}
+        try:
+            done = subprocess.run(
+                self.command,
+                env=environment,
+                capture_output=True,
+                text=True,
+                timeout=EXEC_TIMEOUT_S,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise KubeConfigError(f"{self.where}: exec plugin {self.command[0]}: {exc}") from exc
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            raise KubeAuthError(f"{self.where}: exec plugin {self.command[0]} failed ({last})")
+        try:
+            status = json.loads(done.stdout)["status"]
+            token = str(status["token"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise KubeAuthError(
+                f"{self.where}: exec plugin {self.command[0]} printed no ExecCredential with a token"
+            ) from exc
+        expiry = status.get("expirationTimestamp")
+        self._token = token
+        self._expires = datetime.fromisoformat(expiry.replace("Z", "+00:00")) if expiry else None
+        return token
 
 
 class _BearerAuth(httpx.Auth):

@@ -24,13 +24,17 @@ always on this machine, so a record is kept while the store is away.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import httpx
+
 from opskit import audit, notify
+from opskit.analysis import PrometheusProvider
 from opskit.errors import BadInput, OperationFailed, OpsError
 from opskit.kube import (
     HttpKubeClient,
@@ -40,6 +44,7 @@ from opskit.kube import (
     KubeNotFound,
     guarded_patch,
     object_path,
+    pointer,
 )
 from opskit.model import COLORS, Environment
 from opskit.routers import RouterError, Routing
@@ -55,6 +60,12 @@ VERSION_LABEL = "maximus.io/version"
 VERSION_ENV = "MAXIMUS_VERSION"
 NEEDS_RESTORE_ANNOTATION = "maximus.io/needs-restore"
 DEPLOYMENTS = ("apps/v1", "deployments")
+# The monitoring release's Services (infra/monitoring: RELEASE "maximus-monitoring"; a test keeps them equal).
+PROMETHEUS_SERVICE, PROMETHEUS_PORT = "maximus-monitoring-prometheus", 9090
+ALERTMANAGER_SERVICE, ALERTMANAGER_PORT = "maximus-monitoring-alertmanager", 9093
+PROXY_TIMEOUT_S = 5.0
+RECORD_KEY = "record"
+RECORD_SUMMARY = ("id", "version", "step", "reason", "started_at", "updated_at")
 POLL_S = 1.0
 STATUS_OPERATIONS = 5
 
@@ -152,7 +163,7 @@ def _stuck(deployment: dict[str, Any]) -> str | None:
     return None
 
 
-def _read_deployment(client: KubeClient, env: Environment, color: str) -> dict[str, Any] | None:
+def read_deployment(client: KubeClient, env: Environment, color: str) -> dict[str, Any] | None:
     """The color's Deployment, or None when it does not exist."""
     try:
         return client.get(deployment_path(env, color))
@@ -169,7 +180,7 @@ def _needs_restore(virtual_service: dict[str, Any]) -> bool:
     return str(_annotations(virtual_service).get(NEEDS_RESTORE_ANNOTATION, "")).lower() == "true"
 
 
-def _router(env: Environment, client: KubeClient) -> IstioRouter:
+def router_for(env: Environment, client: KubeClient) -> IstioRouter:
     return IstioRouter(client, _require_cluster(env), env.service.name)
 
 
@@ -180,6 +191,25 @@ def _read_virtual_service(env: Environment, client: KubeClient, router: IstioRou
         raise KubeNotFound(
             f"{exc}; is this the {env.name} cluster? set {CONTEXT_VAR} to its kubeconfig context"
         ) from exc
+
+
+def observability_namespace(env: Environment) -> str:
+    return f"{_require_cluster(env)}-observability"
+
+
+def prometheus(env: Environment, client: KubeClient) -> PrometheusProvider:
+    """The cluster's Prometheus, through the API server's service proxy."""
+    namespace = observability_namespace(env)
+    base = client.service_client(namespace, PROMETHEUS_SERVICE, PROMETHEUS_PORT, PROXY_TIMEOUT_S)
+    return PrometheusProvider(
+        f"{PROMETHEUS_SERVICE}.{namespace} (through the API server)", PROXY_TIMEOUT_S, client=base
+    )
+
+
+def alertmanager(env: Environment, client: KubeClient) -> httpx.Client:
+    """The cluster's Alertmanager, through the API server's service proxy."""
+    namespace = observability_namespace(env)
+    return client.service_client(namespace, ALERTMANAGER_SERVICE, ALERTMANAGER_PORT, notify.TIMEOUT_S)
 
 
 def edge(env: Environment) -> str | None:
@@ -203,9 +233,9 @@ def status(env: Environment, client: KubeClient) -> dict[str, Any]:
 
 
 def _status(env: Environment, client: KubeClient, namespace: str) -> dict[str, Any]:
-    router = _router(env, client)
+    router = router_for(env, client)
     virtual_service = _read_virtual_service(env, client, router)
-    deployments: dict[str, dict[str, Any] | None] = {c: _read_deployment(client, env, c) for c in COLORS}
+    deployments: dict[str, dict[str, Any] | None] = {c: read_deployment(client, env, c) for c in COLORS}
     problem: str | None = None
     try:
         routing: Routing | None = router.routing()
@@ -230,8 +260,12 @@ def _status(env: Environment, client: KubeClient, namespace: str) -> dict[str, A
                 "ready_replicas": ready_replicas(idle_deployment),
                 "needs_restore": _needs_restore(virtual_service),
             }
+    record = deploy_record(env, client)
+    interrupted = (record.get("deploy") or {}).get("state") in ("in-progress", "held")
     if problem is not None:
         state = "routing-inconsistent"
+    elif interrupted:
+        state = record["deploy"]["state"]
     elif active is None:
         state = "split"
     elif any(d is not None and _rolling(d) for d in deployments.values()):
@@ -264,10 +298,34 @@ def _status(env: Environment, client: KubeClient, namespace: str) -> dict[str, A
             "version": deployment_version(active_deployment) if active_deployment else None,
         },
         "previous": previous,
-        "deploy": {"state": state, "needs_restore": _needs_restore(virtual_service), "problem": problem},
+        "deploy": {
+            **{k: v for k, v in (record.get("deploy") or {}).items() if k in RECORD_SUMMARY},
+            "state": state,
+            "needs_restore": _needs_restore(virtual_service),
+            "problem": problem,
+        },
         "components": components,
         "last_operations": last_operations(env),
     }
+
+
+def deploy_record_path(env: Environment) -> str:
+    """The ConfigMap holding the deploy tooling's record: the last deploy, the warm window, the history."""
+    return object_path("v1", "configmaps", _require_cluster(env), f"{env.service.name}-deploy")
+
+
+def deploy_record(env: Environment, client: KubeClient) -> dict[str, Any]:
+    """The deploy record (empty before the first deploy)."""
+    try:
+        config_map = client.get(deploy_record_path(env))
+    except KubeNotFound:
+        return {}
+    text = (config_map.get("data") or {}).get(RECORD_KEY) or "{}"
+    try:
+        record = json.loads(text)
+    except ValueError as exc:
+        raise OperationFailed(f"{deploy_record_path(env)}: unreadable deploy record ({exc})") from exc
+    return record if isinstance(record, dict) else {}
 
 
 def _component_state(deployment: dict[str, Any] | None) -> str:
@@ -337,7 +395,7 @@ def rollback(
     _require_cluster(env)
     started = clock()
     reason = reason or "no reason given"
-    router = _router(env, client)
+    router = router_for(env, client)
     try:
         virtual_service = _read_virtual_service(env, client, router)
         routing = router.routing()
@@ -351,8 +409,8 @@ def rollback(
         )
     target = other(active)
     try:
-        current = _read_deployment(client, env, active)
-        previous = _read_deployment(client, env, target)
+        current = read_deployment(client, env, active)
+        previous = read_deployment(client, env, target)
     except KubeError as exc:
         raise OperationFailed(f"rollback of {env.name}: {exc}; nothing was changed") from exc
     version = deployment_version(previous) if previous is not None else None
@@ -423,7 +481,8 @@ def rollback(
         severity="warning",
         summary=f"{env.name}: rolled back to {version}",
         description=f"{reason} (from {from_version} on {active})",
-        runbook="rollback.md",
+        runbook="alerts/MaximusRollback.md",
+        alertmanager=alertmanager(env, client),
     )
     return RollbackReport(env.name, active, target, version, path, reason, seconds, notified, verified)
 
@@ -450,6 +509,28 @@ def _scale_up(env: Environment, client: KubeClient, color: str, *, sleep: Sleep,
         guarded_patch(client, path, plan, "json")
     except KubeError as exc:
         raise OperationFailed(f"scaling {name} to {wanted} replicas: {exc}") from exc
+    problem = wait_rollout(env, client, color, sleep=sleep, clock=clock)
+    if problem is not None:
+        raise OperationFailed(
+            f"{problem}, so nothing was switched and {name} stays scaled up; "
+            f"`kubectl -n {env.namespace} describe deployment {name}` says why, then run the rollback again"
+        )
+
+
+def wait_rollout(
+    env: Environment,
+    client: KubeClient,
+    color: str,
+    *,
+    version: str | None = None,
+    sleep: Sleep = time.sleep,
+    clock: Clock = time.monotonic,
+) -> str | None:
+    """Wait until the color's rollout is complete: the spec observed, every replica updated (to `version`
+    when given) and ready, at least the model's minimum. None, or why not by the model's ready deadline (a
+    Deployment past its progress deadline fails at once)."""
+    path = deployment_path(env, color)
+    name = deployment_name(env, color)
     deadline = clock() + env.deploy.ready_deadline_s
     last, verdict = "no replica ready yet", f"was not ready within {env.deploy.ready_deadline_s:g} s"
     while True:
@@ -457,10 +538,15 @@ def _scale_up(env: Environment, client: KubeClient, color: str, *, sleep: Sleep,
             deployment = client.get(path)
         except KubeError as exc:
             raise OperationFailed(f"waiting for {name}: {exc}") from exc
+        wanted = max(env.service.replicas.min, desired_replicas(deployment))
         ready = ready_replicas(deployment)
-        if ready >= wanted and not _rolling(deployment):
-            return
-        last = f"{ready}/{wanted} replicas ready"
+        running = deployment_version(deployment)
+        if version is not None and running != version:
+            last = f"it runs {running}, not {version}"
+        elif ready >= wanted and not _rolling(deployment):
+            return None
+        else:
+            last = f"{ready}/{wanted} replicas ready"
         stuck = _stuck(deployment)
         if stuck is not None:
             last, verdict = f"{last}: {stuck}", "cannot get ready"
@@ -468,11 +554,7 @@ def _scale_up(env: Environment, client: KubeClient, color: str, *, sleep: Sleep,
         if clock() >= deadline:
             break
         sleep(POLL_S)
-    raise OperationFailed(
-        f"{name} {verdict} ({last}), so nothing was switched "
-        f"and {name} stays scaled up; `kubectl -n {env.namespace} describe deployment {name}` says why, "
-        "then run the rollback again"
-    )
+    return f"{name} {verdict} ({last})"
 
 
 def _where_traffic_is(router: IstioRouter) -> str:
@@ -488,24 +570,40 @@ def _where_traffic_is(router: IstioRouter) -> str:
 
 def _clear_needs_restore(client: KubeClient, path: str) -> bool:
     """Remove the needs-restore annotation once a forced rollback switched; False when it could not."""
-    key = NEEDS_RESTORE_ANNOTATION.replace("~", "~0").replace("/", "~1")
-
-    def plan(obj: dict[str, Any]) -> list[dict[str, Any]] | None:
-        if NEEDS_RESTORE_ANNOTATION not in _annotations(obj):
-            return None
-        return [{"op": "remove", "path": f"/metadata/annotations/{key}"}]
-
     try:
-        guarded_patch(client, path, plan, "json")
+        set_needs_restore(client, path, False)
     except KubeError:
         return False
     return True
 
 
+def set_needs_restore(client: KubeClient, path: str, needed: bool) -> None:
+    """Annotate the VirtualService: rolling back from the active release needs the database restored."""
+    key = pointer("metadata", "annotations", NEEDS_RESTORE_ANNOTATION)
+
+    def plan(obj: dict[str, Any]) -> list[dict[str, Any]] | None:
+        present = NEEDS_RESTORE_ANNOTATION in _annotations(obj)
+        if needed and not _needs_restore(obj):
+            if "annotations" not in (obj.get("metadata") or {}):
+                return [
+                    {
+                        "op": "add",
+                        "path": "/metadata/annotations",
+                        "value": {NEEDS_RESTORE_ANNOTATION: "true"},
+                    }
+                ]
+            return [{"op": "add", "path": key, "value": "true"}]
+        if not needed and present:
+            return [{"op": "remove", "path": key}]
+        return None
+
+    guarded_patch(client, path, plan, "json")
+
+
 def _verify(env: Environment, client: KubeClient, router: IstioRouter, target: str) -> bool:
     """Read back: the VirtualService sends everything to `target` and `target` has ready replicas."""
     try:
-        deployment = _read_deployment(client, env, target)
+        deployment = read_deployment(client, env, target)
         return (
             router.routing().active == target and deployment is not None and ready_replicas(deployment) >= 1
         )

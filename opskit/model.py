@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -494,7 +495,26 @@ class FieldError(ValueError):
         self.field = field
 
 
-def _one_line(env: str, exc: ValidationError) -> str:
+def keys_by_name(model: type[BaseModel]) -> list[str]:
+    """A model's keys by field name, sorted: how the environment model lists what it accepts."""
+    return sorted(model.model_fields)
+
+
+def keys_by_alias(model: type[BaseModel]) -> list[str]:
+    """A model's keys as written in YAML (alias, else name), in declaration order."""
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def one_line_error(
+    root: type[BaseModel],
+    exc: ValidationError,
+    prefix: str,
+    accepted_keys: Callable[[type[BaseModel]], list[str]] = keys_by_name,
+) -> str:
+    """The first error of validating `root` as `<prefix>: <field path>: <what is wrong; what is accepted>`.
+
+    An unknown key lists the keys its model accepts, as `accepted_keys` gives them.
+    """
     error = exc.errors()[0]
     ctx_error = (error.get("ctx") or {}).get("error")
     field = ".".join(str(part) for part in error["loc"] if part != "[key]")
@@ -502,42 +522,51 @@ def _one_line(env: str, exc: ValidationError) -> str:
         field = ctx_error.field
         message = str(ctx_error)
     elif error["type"] == "extra_forbidden":
-        parent = _model_at(Environment, error["loc"][:-1])
-        accepted = ", ".join(sorted(parent.model_fields)) if parent else "none"
+        parent = _model_at(root, tuple(error["loc"][:-1]))
+        accepted = ", ".join(accepted_keys(parent)) if parent else "none"
         message = f"unknown key; accepted keys: {accepted}"
     elif error["type"] == "literal_error":
         message = f"{error['input']!r} is not accepted; accepted: {error['ctx']['expected']}"
     elif error["type"] == "missing":
         message = "missing; this key is required"
     else:
-        text = error["msg"].removeprefix("Value error, ")
+        text = str(error["msg"]).removeprefix("Value error, ")
         shown = error.get("input")
         message = text if isinstance(shown, dict | list) else f"{shown!r}: {text}"
-    return f"environment {env}: {field or '(top level)'}: {message}"
+    return f"{prefix}: {field or '(top level)'}: {message}"
 
 
-def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The model class that owns the key at `loc`, stepping through optionals and dict values."""
-    current: type[BaseModel] | None = model
-    in_mapping = False
+def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class that owns the key at `loc`; a dict key or list index steps into the item type."""
+    current: Any = root
     for part in loc:
+        current = _step(current, part)
         if current is None:
             return None
-        field = current.model_fields.get(part) if isinstance(part, str) else None
-        if field is None:
-            if not in_mapping:
-                return None
-            in_mapping = False
-            continue
-        in_mapping = getattr(field.annotation, "__origin__", None) is dict
-        current = _inner_model(field.annotation)
-    return current
+    return _inner_model(current)
+
+
+def _step(annotation: Any, part: Any) -> Any:
+    """The annotation one location part below `annotation`, or None where the part leads nowhere."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        field = annotation.model_fields.get(part) if isinstance(part, str) else None
+        return None if field is None else field.annotation
+    origin = get_origin(annotation)
+    if origin is dict:
+        return get_args(annotation)[1]
+    if origin is list:
+        return get_args(annotation)[0]
+    for arg in get_args(annotation):
+        found = _step(arg, part)
+        if found is not None:
+            return found
+    return None
 
 
 def _inner_model(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    for arg in getattr(annotation, "__args__", ()):
+    for arg in get_args(annotation):
         found = _inner_model(arg)
         if found is not None:
             return found
@@ -603,7 +632,7 @@ def parse_environment(name: str, data: dict[str, Any]) -> Environment:
     try:
         return Environment.model_validate({**data, "name": name})
     except ValidationError as exc:
-        raise BadInput(_one_line(name, exc)) from None
+        raise BadInput(one_line_error(Environment, exc, f"environment {name}")) from None
 
 
 def load_environment(name: str) -> Environment:

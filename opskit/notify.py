@@ -3,6 +3,7 @@ Alertmanager is away. Whatever happened, the caller learns which channel carried
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,6 +12,7 @@ import httpx
 from opskit.model import Environment
 
 TIMEOUT_S = 2.0
+WEBHOOK_VAR = "MAXIMUS_NOTIFY_WEBHOOK"
 RUNBOOKS = "runbooks"
 
 
@@ -37,20 +39,39 @@ def _alert(
     }
 
 
-def send(env: Environment, name: str, *, severity: str, summary: str, description: str, runbook: str) -> str:
-    """Deliver one alert; return the channel that took it: "alertmanager", "webhook" or "none"."""
+def send(
+    env: Environment,
+    name: str,
+    *,
+    severity: str,
+    summary: str,
+    description: str,
+    runbook: str,
+    alertmanager: httpx.Client | None = None,
+) -> str:
+    """Deliver one alert; return the channel that took it: "alertmanager", "webhook" or "none".
+
+    A single-machine environment's Alertmanager and alert receiver are on loopback. A cluster's
+    Alertmanager is reached through `alertmanager` (the API server's service proxy), its webhook is
+    $MAXIMUS_NOTIFY_WEBHOOK (a receiver of Alertmanager's webhook payload).
+    """
     alert = _alert(env, name, severity=severity, summary=summary, description=description, runbook=runbook)
-    if env.kind != "local":
+    if env.kind == "local":
+        ports = env.local_ports
+        alertmanager = httpx.Client(base_url=f"http://127.0.0.1:{ports.alertmanager}", timeout=TIMEOUT_S)
+        webhook: str | None = f"http://127.0.0.1:{ports.alert_receiver}/alerts"
+    else:
+        webhook = os.environ.get(WEBHOOK_VAR) or None
+    if alertmanager is not None:
+        try:
+            with alertmanager:
+                response = alertmanager.post("api/v2/alerts", json=[alert], timeout=TIMEOUT_S)
+            if response.status_code == 200:
+                return "alertmanager"
+        except httpx.HTTPError:
+            pass
+    if webhook is None:
         return "none"
-    ports = env.local_ports
-    try:
-        response = httpx.post(
-            f"http://127.0.0.1:{ports.alertmanager}/api/v2/alerts", json=[alert], timeout=TIMEOUT_S
-        )
-        if response.status_code == 200:
-            return "alertmanager"
-    except httpx.HTTPError:
-        pass
     payload = {
         "version": "4",
         "status": "firing",
@@ -61,8 +82,7 @@ def send(env: Environment, name: str, *, severity: str, summary: str, descriptio
         "alerts": [{**alert, "status": "firing"}],
     }
     try:
-        receiver = f"http://127.0.0.1:{ports.alert_receiver}/alerts"
-        response = httpx.post(receiver, json=payload, timeout=TIMEOUT_S)
+        response = httpx.post(webhook, json=payload, timeout=TIMEOUT_S)
         if response.status_code < 300:
             return "webhook"
     except httpx.HTTPError:

@@ -48,6 +48,17 @@ def progress_line(line: str) -> None:
         console.print(f"[dim]{line.rstrip(' *')}[/dim]", highlight=False)
 
 
+def _deploy_line(deploy: dict[str, Any]) -> str:
+    """`idle`, or where an interrupted or held deploy stopped and what to run next."""
+    state = str(deploy.get("state", "-"))
+    if state not in ("in-progress", "held") or not deploy.get("step"):
+        return state
+    return (
+        f"[bold yellow]{state}[/bold yellow] at step {deploy['step']} ({deploy.get('id')}, "
+        f"{deploy.get('version')}): `invoke deploy --resume` or `--abort`"
+    )
+
+
 def print_status(report: dict[str, Any]) -> None:
     active = report["active"]
     previous = report.get("previous") or {}
@@ -56,7 +67,7 @@ def print_status(report: dict[str, Any]) -> None:
         f"[bold]{report['environment']}[/bold]: {running}"
         f"; active [bold]{active['color']}[/bold] {active['version']}"
         f"; previous {previous.get('color', '-')} {previous.get('version', '')}"
-        f"; deploy {report['deploy'].get('state', '-')}; edge {report['edge']}"
+        f"; deploy {_deploy_line(report['deploy'])}; edge {report['edge']}"
     )
     console.print(
         table(

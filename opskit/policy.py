@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from opskit import controls as control_matrix
 from opskit.errors import BadInput, OperationFailed
-from opskit.model import ROOT
+from opskit.model import ROOT, keys_by_alias, one_line_error
 
 POLICY_PATH = ROOT / "governance" / "policy.yaml"
 Risk = Literal["low", "medium", "high"]
@@ -150,62 +150,12 @@ class Policy(Strict):
 def parse_policy(data: Any, source: str = "governance/policy.yaml") -> Policy:
     """Validate a raw mapping; BadInput with one line naming the first bad key."""
     if not isinstance(data, dict):
-        raise BadInput(f"{source}: not a mapping of policy keys; accepted keys: {_keys(Policy)}")
+        accepted = ", ".join(keys_by_alias(Policy))
+        raise BadInput(f"{source}: not a mapping of policy keys; accepted keys: {accepted}")
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        loc = tuple(error["loc"])
-        where = ".".join(str(part) for part in loc) or "(top level)"
-        if error["type"] == "extra_forbidden":
-            owner = _model_at(loc[:-1])
-            message = f"unknown key; accepted keys: {_keys(owner) if owner else 'none'}"
-        elif error["type"] == "missing":
-            message = "missing; this key is required"
-        elif error["type"] == "literal_error":
-            message = f"{error['input']!r} is not accepted; accepted: {error['ctx']['expected']}"
-        else:
-            text = str(error["msg"]).removeprefix("Value error, ")
-            shown = error.get("input")
-            message = text if isinstance(shown, dict | list) else f"{shown!r}: {text}"
-        raise BadInput(f"{source}: {where}: {message}") from None
-
-
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    current: type[BaseModel] = Policy
-    for part in loc:
-        if current is Policy and part == "environments":
-            return None if len(loc) == 1 else _environment_model_at(loc[2:])
-        info = current.model_fields.get(str(part))
-        if info is None:
-            return None
-        inner = _inner(info.annotation)
-        if inner is None:
-            return None
-        current = inner
-    return current
-
-
-def _environment_model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    if not loc:
-        return EnvironmentRules
-    if loc[0] == "windows":
-        return Window
-    return None
-
-
-def _inner(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _inner(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _keys(model: type[BaseModel]) -> str:
-    return ", ".join(info.alias or name for name, info in model.model_fields.items())
+        raise BadInput(one_line_error(Policy, exc, source, keys_by_alias)) from None
 
 
 def load_policy(path: Path = POLICY_PATH) -> Policy:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real single-machine environment on free ports, side by side with `local`."""
+"""Shared fixtures: a real single-machine environment on free ports, side by side with `local`; the
+staging stack's rendered application objects, as a cluster would hold them."""
 
 from __future__ import annotations
 
@@ -85,3 +86,15 @@ def local_env(environments_dir: Path) -> Iterator[model.Environment]:
     localenv.up(env)
     yield env
     localenv.down(env, purge=True)
+
+
+@pytest.fixture(scope="session")
+def staging_objects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """The staging render's application objects by file name ("virtualservice-hitl", "service-hitl",
+    "deployment-hitl-blue", ...), exactly as `invoke stack.render` writes them. Copy before changing."""
+    from opskit import stack
+
+    out = tmp_path_factory.mktemp("staging-render")
+    stack.render("staging", out)
+    directory = out / str(model.load_environment("staging").namespace)
+    return {path.stem: yaml.safe_load(path.read_text()) for path in sorted(directory.glob("*.yaml"))}

@@ -85,8 +85,7 @@ BAD_INPUT = {
     "unknown inject key": (["--version", "1.1.0", "--inject", "colour=red"], "unknown key 'colour'"),
     "inject out of range": (["--version", "1.1.0", "--inject", "error-rate=2"], "--inject: error-rate="),
     "inject not a number": (["--version", "1.1.0", "--inject", "latency-ms=slow"], "--inject: latency-ms="),
-    # --inject is for single-machine environments; production's policy requires a change ticket;
-    # and deploy drives single-machine environments only, for now.
+    # --inject is for single-machine environments; production's policy requires a change ticket.
     "inject on staging": (
         ["--env", "staging", "--version", "1.1.0", "--inject", "crash"],
         "--inject: fault injection is accepted on local environments only, not on staging",
@@ -94,21 +93,6 @@ BAD_INPUT = {
     "production without ticket": (
         ["--env", "production", "--version", "1.1.0"],
         "--ticket: required for a change to production",
-    ),
-    "production, local only for now": (
-        [
-            "--env",
-            "production",
-            "--version",
-            "1.1.0",
-            "--ticket",
-            "CHG-1",
-            "--change-type",
-            "emergency",
-            "--approver",
-            "dana",
-        ],
-        "production is a kubernetes environment",
     ),
     "no version": ([], "--version: required"),
     "resume with nothing interrupted": (["--resume"], "no deploy of"),

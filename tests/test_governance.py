@@ -85,6 +85,18 @@ def test_the_repository_policy_loads() -> None:
         (lambda d: d["environments"]["production"]["windows"][0].update(to="25:00"), "not a time of day"),
         (lambda d: d["environments"]["production"].update(tickets=["big"]), "production.tickets.0"),
         (lambda d: d["environments"]["staging"].update(extra=1), "staging.extra: unknown key; accepted keys"),
+        (
+            lambda d: d["risk_levels"]["low"].update(extra=1),
+            "risk_levels.low.extra: unknown key; accepted keys: definition, approvers, approved_by",
+        ),
+        (
+            lambda d: d["environments"]["staging"]["windows"][0].update(extra=1),
+            "staging.windows.0.extra: unknown key; accepted keys: days, from, to",
+        ),
+        (
+            lambda d: d["environments"].update({5: d["environments"].pop("staging")}),
+            "environments.5: 5: Input should be a valid string",
+        ),
         (lambda d: d.update(ticket_pattern="(["), "ticket_pattern"),
         (lambda d: d.pop("min_risk_by_migration"), "min_risk_by_migration: missing"),
     ],
@@ -428,7 +440,12 @@ def _objects(manifests: Path, kind: str) -> list[dict[str, Any]]:
 def test_the_access_policy_matches_the_rendered_rbac(production_manifests: Path) -> None:
     """The roles, groups and the Secrets rule access-control.md states are what the stack declares."""
     text = (ROOT / "governance" / "access-control.md").read_text()
-    roles = {r["metadata"]["name"]: r for r in _objects(production_manifests, "Role")}
+    app = load_environment("production").namespace
+    roles = {
+        r["metadata"]["name"]: r
+        for r in _objects(production_manifests, "Role")
+        if r["metadata"]["namespace"] == app
+    }
     for role in ("admin", "operator", "readonly"):
         assert f"`maximus:{role}`" in text and f"maximus-{role}" in roles, role
     bindings = _objects(production_manifests, "RoleBinding")
@@ -453,7 +470,10 @@ def test_the_access_policy_matches_the_rendered_rbac(production_manifests: Path)
         ("deployments", "hitl-blue"),
         ("deployments", "hitl-green"),
         ("virtualservices", "hitl"),
+        ("configmaps", "hitl-deploy"),
+        ("leases", "hitl-deploy-lock"),
     }
+    assert "`hitl-deploy`" in text and "`hitl-deploy-lock`" in text
 
 
 def test_every_alert_has_its_runbook(production_manifests: Path) -> None:

@@ -8,6 +8,7 @@ import copy
 import datetime
 import json
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,11 +19,11 @@ import pytest
 import yaml
 
 from infra import common
-from opskit import kube, stack
+from opskit import kube
 from opskit.errors import BadInput
-from opskit.kube import HttpKubeClient, KubeConfigError, KubeNotFound
+from opskit.kube import HttpKubeClient, KubeAuthError, KubeConfigError, KubeNotFound
 from opskit.routers import RouterError
-from opskit.routers.istio import ACTIVE_COLOR_ANNOTATION, IstioRouter
+from opskit.routers.istio import ACTIVE_COLOR_ANNOTATION, PREVIEW_ROUTE_PREFIX, IstioRouter
 from opskit.routers.service import COLOR_LABEL, ServiceSelectorRouter
 
 TOKEN = "fake-token-0123"
@@ -130,6 +131,8 @@ class FakeKubeApi:
         self.requests: list[tuple[str, str, str | None, Any]] = []
         self.failures: dict[tuple[str, str], int] = {}
         self.before_patch: Callable[[FakeKubeApi, str], None] | None = None
+        # "<namespace>/<service>:<port>" -> what answers behind the API server's service proxy
+        self.services: dict[str, Callable[[httpx.Request, str], httpx.Response]] = {}
 
     def seed(self, obj: dict[str, Any]) -> str:
         meta = obj["metadata"]
@@ -162,6 +165,8 @@ class FakeKubeApi:
         self.requests.append((request.method, path, content_type, body))
         if request.headers.get("authorization") != f"Bearer {self.token}":
             return status(401, "Unauthorized", "Unauthorized")
+        if "/proxy" in path:
+            return self._proxy(request, path)
         info = kube.parse_path(path)
         code = self.failures.get((request.method, path))
         if code == 403:
@@ -176,13 +181,32 @@ class FakeKubeApi:
             return status(code, "Injected", f"injected {code}")
         if request.method == "POST":
             return self._create(path, body)
+        if request.method == "GET" and info.name is None:  # a collection: list it
+            items = [o for p, o in self.objects.items() if p.rsplit("/", 1)[0] == path]
+            return httpx.Response(200, json={"kind": "List", "items": items})
         if path not in self.objects:
             return status(404, "NotFound", f'{info.plural} "{info.name}" not found')
         if request.method == "GET":
             return httpx.Response(200, json=self.objects[path])
         if request.method == "PATCH":
             return self._patch(path, content_type, body)
+        if request.method == "DELETE":
+            return httpx.Response(200, json=self.objects.pop(path))
         return status(405, "MethodNotAllowed", request.method)
+
+    def _proxy(self, request: httpx.Request, path: str) -> httpx.Response:
+        """/api/v1/namespaces/<ns>/services/<name>:<port>/proxy/<rest>: the Service answers, or 503 as the
+        API server says when nothing backs it."""
+        head, _, rest = path.partition("/proxy")
+        parts = head.split("/")
+        key = f"{parts[4]}/{parts[6]}"
+        if (request.method, key) in self.failures:
+            code = self.failures[(request.method, key)]
+            return status(code, "Injected", f"injected {code}")
+        service = self.services.get(key)
+        if service is None:
+            return status(503, "ServiceUnavailable", f'no endpoints available for service "{parts[6]}"')
+        return service(request, rest or "/")
 
     def _create(self, path: str, body: Any) -> httpx.Response:
         target = f"{path}/{body['metadata']['name']}"
@@ -208,6 +232,10 @@ class FakeKubeApi:
                 "UnsupportedMediaType",
                 f"the body of the request was in an unknown format: {content_type}",
             )
+        # A changed spec is a new generation, as on the real API server (for objects that track one).
+        generation = current.get("metadata", {}).get("generation")
+        if generation is not None and patched.get("spec") != current.get("spec"):
+            patched["metadata"]["generation"] = generation + 1
         # A resourceVersion in the patched object is a precondition, as on the real API server.
         wanted = patched.get("metadata", {}).get("resourceVersion")
         if wanted != current["metadata"]["resourceVersion"]:
@@ -223,23 +251,11 @@ class FakeKubeApi:
 # --- fixtures ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    """The staging stack's VirtualService and stable Service, exactly as `invoke stack.render` writes them."""
-    out = tmp_path_factory.mktemp("render")
-    stack.render("staging", out)
-    directory = out / NAMESPACE
-    return {
-        "virtualservice": yaml.safe_load((directory / f"virtualservice-{SERVICE}.yaml").read_text()),
-        "service": yaml.safe_load((directory / f"service-{SERVICE}.yaml").read_text()),
-    }
-
-
 @pytest.fixture
-def api(rendered: dict[str, dict[str, Any]]) -> FakeKubeApi:
+def api(staging_objects: dict[str, dict[str, Any]]) -> FakeKubeApi:
     fake = FakeKubeApi()
-    assert fake.seed(rendered["virtualservice"]) == VS_PATH
-    assert fake.seed(rendered["service"]) == SVC_PATH
+    assert fake.seed(staging_objects[f"virtualservice-{SERVICE}"]) == VS_PATH
+    assert fake.seed(staging_objects[f"service-{SERVICE}"]) == SVC_PATH
     return fake
 
 
@@ -249,8 +265,13 @@ def client(api: FakeKubeApi) -> Iterator[HttpKubeClient]:
         yield http
 
 
+def switched(vs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The routes a switch changes: all but the fixed preview routes."""
+    return [rule for rule in vs["spec"]["http"] if not rule["name"].startswith(PREVIEW_ROUTE_PREFIX)]
+
+
 def weights_of(vs: dict[str, Any]) -> list[dict[str, int]]:
-    return [{d["destination"]["subset"]: d["weight"] for d in rule["route"]} for rule in vs["spec"]["http"]]
+    return [{d["destination"]["subset"]: d["weight"] for d in rule["route"]} for rule in switched(vs)]
 
 
 # --- the Istio router ----------------------------------------------------------------------------------
@@ -322,7 +343,7 @@ def test_istio_concurrent_writer_makes_it_retry_never_half_apply(
         writes.append(path)
 
         def split(obj: dict[str, Any]) -> None:
-            for rule in obj["spec"]["http"]:
+            for rule in switched(obj):
                 for destination in rule["route"]:
                     destination["weight"] = 50
             obj["metadata"]["annotations"]["example.com/touched-by"] = "someone else"
@@ -427,17 +448,17 @@ def test_transport_errors_are_unreachable() -> None:
     ("change", "expected"),
     [
         (
-            lambda vs: vs["spec"]["http"][1]["route"].append(
+            lambda vs: switched(vs)[1]["route"].append(
                 {"destination": {"host": "x", "subset": "canary"}, "weight": 0}
             ),
-            r"spec.http\[1\] \(primary\) routes to subsets \['blue', 'green', 'canary'\]; accepted: exactly",
+            r"spec.http\[3\] \(primary\) routes to subsets \['blue', 'green', 'canary'\]; accepted: exactly",
         ),
         (
-            lambda vs: vs["spec"]["http"][0]["route"][0].update({"weight": 90}),
-            r"spec.http\[0\] \(websocket\) weights add up to 90; accepted: 100",
+            lambda vs: switched(vs)[0]["route"][0].update({"weight": 90}),
+            r"spec.http\[2\] \(websocket\) weights add up to 90; accepted: 100",
         ),
         (
-            lambda vs: [r.update({"weight": 45}) for rule in vs["spec"]["http"] for r in rule["route"]],
+            lambda vs: [r.update({"weight": 45}) for rule in switched(vs) for r in rule["route"]],
             r"weights add up to 90",
         ),
         (lambda vs: vs["spec"].update({"tcp": [{"route": []}]}), r"spec.tcp routes"),
@@ -465,7 +486,7 @@ def test_istio_routes_that_disagree_are_reported_and_a_switch_repairs_them(
     """Left half-switched by hand or an older tool: routing says so; a switch sets every route."""
 
     def half(vs: dict[str, Any]) -> None:
-        for destination in vs["spec"]["http"][0]["route"]:
+        for destination in switched(vs)[0]["route"]:
             destination["weight"] = 100 if destination["destination"]["subset"] == "green" else 0
 
     api.write(VS_PATH, half)
@@ -682,12 +703,57 @@ def test_kubeconfig_file_references_and_token_file(tmp_path: Path) -> None:
     assert client.headers() == {"Authorization": "Bearer rotated"}
 
 
+def test_kubeconfig_exec_plugin_runs_and_its_token_is_reused_until_it_expires(tmp_path: Path) -> None:
+    """A real plugin process, as `aws eks get-token` is: it prints an ExecCredential; kubeconfig `env` and
+    KUBERNETES_EXEC_INFO reach it."""
+    calls = tmp_path / "calls"
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(
+        "import json, os, sys\n"
+        "calls = open(sys.argv[1], 'a'); calls.write('x'); calls.close()\n"
+        "info = json.loads(os.environ['KUBERNETES_EXEC_INFO'])\n"
+        "assert info['spec']['interactive'] is False\n"
+        "expiry = sys.argv[2]\n"
+        "status = {'token': 'tok-' + os.environ['CLUSTER_NAME']}\n"
+        "if expiry != 'never': status['expirationTimestamp'] = expiry\n"
+        "print(json.dumps({'kind': 'ExecCredential', 'apiVersion': info['apiVersion'], 'status': status}))\n"
+    )
+
+    def user(expiry: str) -> dict[str, Any]:
+        return {
+            "exec": {
+                "apiVersion": "client.authentication.k8s.io/v1beta1",
+                "command": sys.executable,
+                "args": [str(plugin), str(calls), expiry],
+                "env": [{"name": "CLUSTER_NAME", "value": "staging"}],
+            }
+        }
+
+    client = HttpKubeClient.from_kubeconfig(kubeconfig(tmp_path, user("never")))
+    assert client.headers() == {"Authorization": "Bearer tok-staging"}
+    assert client.headers() == {"Authorization": "Bearer tok-staging"}
+    assert calls.read_text() == "x"  # run once, the token reused
+    expired = HttpKubeClient.from_kubeconfig(kubeconfig(tmp_path, user("2020-01-01T00:00:00Z")))
+    expired.headers()
+    expired.headers()
+    assert calls.read_text() == "xxx"  # an expired token is asked for again
+
+
+def test_kubeconfig_exec_plugin_failure_names_the_plugin(tmp_path: Path) -> None:
+    failing = {
+        "exec": {"command": sys.executable, "args": ["-c", "import sys; sys.exit('token expired, log in')"]}
+    }
+    client = HttpKubeClient.from_kubeconfig(kubeconfig(tmp_path, failing))
+    with pytest.raises(KubeAuthError, match=r"exec plugin .*python.* failed \(token expired, log in\)"):
+        client.headers()
+
+
 @pytest.mark.parametrize(
     ("user", "cluster", "expected"),
     [
-        ({"exec": {"command": "aws"}}, None, "authenticates with exec, which is not supported"),
+        ({"exec": {"args": ["eks"]}}, None, "exec plugin has no command"),
         ({"auth-provider": {"name": "gcp"}}, None, "auth-provider, which is not supported"),
-        ({}, None, "has no token or tokenFile"),
+        ({}, None, "has no token, tokenFile or exec plugin"),
         (
             {"token": "t"},
             {"server": "https://k", "insecure-skip-tls-verify": True},

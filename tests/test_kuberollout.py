@@ -16,13 +16,13 @@ import yaml
 
 from infra import app as infra_app
 from infra import common
-from opskit import kuberollout, stack
+from opskit import kuberollout
 from opskit.deploy import RollbackReport
 from opskit.errors import BadInput, OperationFailed
 from opskit.kube import HttpKubeClient, KubeConfigError
 from opskit.model import Environment, Replicas, load_environment
 from opskit.routers.istio import ACTIVE_COLOR_ANNOTATION
-from tests.test_kube_routers import NAMESPACE, SERVER, TOKEN, VS_PATH, FakeKubeApi, weights_of
+from tests.test_kube_routers import SERVER, TOKEN, VS_PATH, FakeKubeApi, switched, weights_of
 
 DEPLOY = "/apis/apps/v1/namespaces/maximus-staging/deployments"
 BLUE, GREEN = f"{DEPLOY}/hitl-blue", f"{DEPLOY}/hitl-green"
@@ -46,17 +46,6 @@ class FakeTime:
         self.on_sleep()
 
 
-@pytest.fixture(scope="module")
-def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    out = tmp_path_factory.mktemp("render")
-    stack.render("staging", out)
-    directory = out / NAMESPACE
-    return {
-        name: yaml.safe_load((directory / f"{name}.yaml").read_text())
-        for name in ("virtualservice-hitl", "deployment-hitl-blue", "deployment-hitl-green")
-    }
-
-
 def set_version(deployment: dict[str, Any], version: str) -> None:
     template = deployment["spec"]["template"]
     template["metadata"]["labels"][infra_app.VERSION_LABEL] = version
@@ -77,12 +66,12 @@ def set_ready(deployment: dict[str, Any], ready: int, replicas: int | None = Non
 
 
 @pytest.fixture
-def api(rendered: dict[str, dict[str, Any]]) -> FakeKubeApi:
+def api(staging_objects: dict[str, dict[str, Any]]) -> FakeKubeApi:
     """blue active (1.0.0, 1 ready), green the previous release (0.9.0), warm (1 ready)."""
     fake = FakeKubeApi()
-    assert fake.seed(rendered["virtualservice-hitl"]) == VS_PATH
-    blue = copy.deepcopy(rendered["deployment-hitl-blue"])
-    green = copy.deepcopy(rendered["deployment-hitl-green"])
+    assert fake.seed(staging_objects["virtualservice-hitl"]) == VS_PATH
+    blue = copy.deepcopy(staging_objects["deployment-hitl-blue"])
+    green = copy.deepcopy(staging_objects["deployment-hitl-green"])
     set_ready(blue, 1)
     set_version(green, PREVIOUS)
     set_ready(green, 1)
@@ -263,7 +252,7 @@ def test_traffic_moved_by_someone_else_during_the_wait_is_not_overridden(
         api.write(GREEN, lambda d: set_ready(d, 1))
         api.write(
             VS_PATH,
-            lambda vs: [r.update({"weight": 50}) for rule in vs["spec"]["http"] for r in rule["route"]],
+            lambda vs: [r.update({"weight": 50}) for rule in switched(vs) for r in rule["route"]],
         )
 
     fake_time.on_sleep = someone_switches
@@ -412,9 +401,7 @@ def test_nothing_to_roll_back_to(
 def test_split_traffic_is_not_guessed(
     api: FakeKubeApi, client: HttpKubeClient, env: Environment, store: Path, fake_time: FakeTime
 ) -> None:
-    api.write(
-        VS_PATH, lambda vs: [r.update({"weight": 50}) for rule in vs["spec"]["http"] for r in rule["route"]]
-    )
+    api.write(VS_PATH, lambda vs: [r.update({"weight": 50}) for rule in switched(vs) for r in rule["route"]])
     with pytest.raises(OperationFailed, match="traffic is split"):
         do_rollback(env, client, fake_time)
     assert api.patches() == []
@@ -475,7 +462,7 @@ def test_status_reports_routes_edited_by_hand(
     api: FakeKubeApi, client: HttpKubeClient, env: Environment
 ) -> None:
     def half(vs: dict[str, Any]) -> None:
-        for destination in vs["spec"]["http"][0]["route"]:
+        for destination in switched(vs)[0]["route"]:
             destination["weight"] = 100 if destination["destination"]["subset"] == "green" else 0
 
     api.write(VS_PATH, half)

@@ -65,6 +65,20 @@ def test_unknown_nested_key_names_its_full_path() -> None:
     assert "window_s" in message
 
 
+def test_unknown_key_in_a_dict_value_or_list_item_lists_that_item_keys() -> None:
+    component = changed(LOCAL, "components", "postgres", "colour", value="blue")
+    assert (
+        "environment local: components.postgres.colour: unknown key; "
+        "accepted keys: instances, storage_gi, version"
+    ) in rejected("local", component)
+    topic = copy.deepcopy(PRODUCTION)
+    topic["platform"]["kafka"]["topics"][1]["colour"] = "blue"
+    assert rejected("production", topic) == (
+        "environment production: platform.kafka.topics.1.colour: unknown key; "
+        "accepted keys: name, partitions, retention_hours"
+    )
+
+
 def test_wrong_type_names_field() -> None:
     message = rejected("local", changed(LOCAL, "ports", "redis", value="six"))
     assert message.startswith("environment local: ports.redis: 'six'")

@@ -135,7 +135,7 @@ def _workflows() -> dict[str, dict[Any, Any]]:
 
 def test_workflows_pin_actions_and_grant_least_privilege() -> None:
     workflows = _workflows()
-    assert set(workflows) == {"pr.yml", "main.yml", "nightly.yml"}
+    assert set(workflows) == {"pr.yml", "main.yml", "nightly.yml", "scale-down.yml"}
     for name, workflow in workflows.items():
         assert workflow["permissions"] == {}, name
         for job_name, job in workflow["jobs"].items():
@@ -161,6 +161,6 @@ def test_each_environment_deploys_in_one_concurrency_group() -> None:
     production_runs = " ".join(s.get("run", "") for s in main["production"]["steps"])
     assert "invoke deploy --env production" in production_runs
     assert '--ticket "$TICKET"' in production_runs
-    for job in workflows["nightly.yml"]["jobs"].values():
+    for job in [*workflows["nightly.yml"]["jobs"].values(), *workflows["scale-down.yml"]["jobs"].values()]:
         assert job["concurrency"]["group"].startswith("deploy-")
         assert job["concurrency"]["cancel-in-progress"] is False

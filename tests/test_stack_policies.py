@@ -154,7 +154,7 @@ def test_traffic_fields_must_stay_with_the_deploy_tooling(runs: dict[str, stack.
     assert found == [
         "route weights would be reset by `pulumi up`; accepted: ignore_changes spec.http[*].route"
     ]
-    found = violations("traffic-owned-by-deploy-tooling", service, props={"spec/http/1/timeout": "30s"})
+    found = violations("traffic-owned-by-deploy-tooling", service, props={"spec/http/3/timeout": "30s"})
     assert found == ["primary route: accepted timeout: 10s"]
     deployment = runs["production"].named("app-deployment-blue")
     found = violations("traffic-owned-by-deploy-tooling", deployment, ignore_changes=["spec.replicas"])

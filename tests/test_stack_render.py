@@ -50,7 +50,11 @@ def test_rendered_objects_carry_cluster_names_and_integers(tmp_path: Path) -> No
     port = deployment["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
     assert port == 8000 and isinstance(port, int)
     secret = load(tmp_path / "maximus-production-data" / "secret-maximus-redis-auth.yaml")
-    assert secret["stringData"] == {"password": "(secret)", "auth.conf": "(secret)"}
+    assert secret["stringData"] == {
+        "password": "(secret)",
+        "auth.conf": "(secret)",
+        "exporter-auth.json": "(secret)",
+    }
     cluster = load(tmp_path / "maximus-production-data" / "cluster-maximus-postgres.yaml")
     assert cluster["spec"]["instances"] == 3 and isinstance(cluster["spec"]["instances"], int)
     namespace = load(tmp_path / "_cluster" / "namespace-maximus-production.yaml")

@@ -176,6 +176,7 @@ def test_redis_runs_the_official_image_with_aof_and_a_secret_password(
     assert one(run, "Secret", "maximus-redis-auth")["stringData"] == {
         "password": "(secret)",
         "auth.conf": "(secret)",
+        "exporter-auth.json": "(secret)",
     }
     assert ("maximus-redis" in objects(run, "PodDisruptionBudget")) == (name == "production")
 
@@ -353,7 +354,44 @@ def test_baseline_namespaces_network_policies_and_rbac(runs: dict[str, stack.Sta
             "resourceNames": ["hitl"],
             "verbs": ["patch"],
         },
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["hitl-deploy"],
+            "verbs": ["get", "patch"],
+        },
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["hitl-deploy-lock"],
+            "verbs": ["get", "patch"],
+        },
     ]
+    # Elsewhere: Prometheus and Alertmanager through the service proxy, on-demand backups; nothing more.
+    deploy_elsewhere = {
+        o["metadata"]["namespace"]: o["rules"]
+        for o in run.objects()
+        if o["kind"] == "Role"
+        and o["metadata"]["name"] == "maximus-deploy"
+        and o["metadata"]["namespace"] != env.namespace
+    }
+    assert deploy_elsewhere[f"{env.namespace}-observability"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["services/proxy"],
+            "resourceNames": ["maximus-monitoring-prometheus:9090", "maximus-monitoring-alertmanager:9093"],
+            "verbs": ["get", "create"],
+        }
+    ]
+    assert sorted(deploy_elsewhere) == sorted([f"{env.namespace}-observability", f"{env.namespace}-data"])
+    bound = {
+        (o["metadata"]["namespace"], o["subjects"][0]["name"])
+        for o in run.objects()
+        if o["kind"] == "RoleBinding" and o["metadata"]["name"] == "maximus-deploy"
+    }
+    assert bound == {(namespace, "maximus-deploy") for namespace in [env.namespace, *deploy_elsewhere]}
     for role in roles:
         if role["metadata"]["name"] != "maximus-admin":
             assert not any("secrets" in rule["resources"] for rule in role["rules"])
@@ -443,6 +481,8 @@ EXPECTED_DIFFERENCES = {
         ".spec.backup.retentionPolicy",  # backup.retention
     },
     ("ConfigMap", "maximus-jaeger-config"): {".data.config.yaml"},  # platform.tracing.sampling_rate
+    # the annotations of the environment's own deploys and rollbacks (tag env:<name>)
+    ("ConfigMap", "maximus-dashboard-hitl-deployments"): {".data.hitl-deployments.json"},
     ("Telemetry", "mesh-default"): {".spec.tracing[0].randomSamplingPercentage"},  # platform.tracing
     ("StatefulSet", "maximus-redis"): {".spec.volumeClaimTemplates[0].spec.resources.requests.storage"},
     ("KafkaNodePool", "broker"): {".spec.replicas", ".spec.storage.volumes[0].size", ".spec.template"},

@@ -24,6 +24,10 @@ PLURAL = "virtualservices"
 # Same key as infra.common.ACTIVE_COLOR_ANNOTATION (a test keeps them equal; opskit does not import infra).
 ACTIVE_COLOR_ANNOTATION = "maximus.io/active-color"
 UNMANAGED_ROUTE_KINDS = ("tcp", "tls")
+# Preview routes send a request carrying this header to the color it names, whatever the weights: the
+# pre-promotion analysis reaches the idle color through them. They are fixed; a switch leaves them alone.
+PREVIEW_HEADER = "x-maximus-color"
+PREVIEW_ROUTE_PREFIX = "preview-"
 
 
 class IstioRouter:
@@ -72,9 +76,9 @@ class IstioRouter:
         except KubeError as exc:
             raise RouterError(f"{self.subject}: cannot read the routing: {exc}") from exc
 
-    def _rules(self, obj: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
-        """Every HTTP rule's name and destinations, checked: exactly the blue and green subsets, integer
-        weights adding up to 100. Anything else is refused: this router does not guess."""
+    def _rules(self, obj: dict[str, Any]) -> list[tuple[int, str, list[dict[str, Any]]]]:
+        """Every switched HTTP rule's index, name and destinations, checked: exactly the blue and green
+        subsets, integer weights adding up to 100. Anything else is refused: this router does not guess."""
         spec = obj.get("spec") or {}
         for kind in UNMANAGED_ROUTE_KINDS:
             if spec.get(kind):
@@ -87,8 +91,10 @@ class IstioRouter:
             raise RouterError(
                 f"{self.subject}: spec.http has no routes; accepted: the routes the stack declares"
             )
-        rules: list[tuple[str, list[dict[str, Any]]]] = []
+        rules: list[tuple[int, str, list[dict[str, Any]]]] = []
         for index, rule in enumerate(http):
+            if isinstance(rule, dict) and str(rule.get("name", "")).startswith(PREVIEW_ROUTE_PREFIX):
+                continue
             label = f"spec.http[{index}]" + (
                 f" ({rule['name']})" if isinstance(rule, dict) and "name" in rule else ""
             )
@@ -108,13 +114,17 @@ class IstioRouter:
                 raise RouterError(
                     f"{self.subject}: {label} weights add up to {sum(weights)}; accepted: 100 in total"
                 )
-            rules.append((label, destinations))
+            rules.append((index, label, destinations))
+        if not rules:
+            raise RouterError(
+                f"{self.subject}: spec.http has only preview routes; accepted: the stack's routes"
+            )
         return rules
 
     def _agreed(self, obj: dict[str, Any]) -> Routing:
         """The routing when every HTTP rule sends the same share to each color."""
         seen: dict[str, dict[str, int]] = {}
-        for label, destinations in self._rules(obj):
+        for _, label, destinations in self._rules(obj):
             seen[label] = {d["destination"]["subset"]: int(d.get("weight", 0)) for d in destinations}
         distinct = {tuple(sorted(w.items())) for w in seen.values()}
         if len(distinct) != 1:
@@ -131,7 +141,7 @@ class IstioRouter:
     def _plan(self, obj: dict[str, Any], color: str) -> list[dict[str, Any]]:
         """The JSON patch that puts `obj` at 100 % `color` (empty when it already is)."""
         ops: list[dict[str, Any]] = []
-        for index, (_, destinations) in enumerate(self._rules(obj)):
+        for index, _, destinations in self._rules(obj):
             for position, destination in enumerate(destinations):
                 want = 100 if destination["destination"]["subset"] == color else 0
                 if destination.get("weight") != want:
