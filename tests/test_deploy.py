@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -33,6 +33,7 @@ from tests.deploy_support import (
     edge_url,
     invoke,
     probing,
+    running_workloads,
     start_invoke,
     wait_until,
 )
@@ -468,3 +469,26 @@ def test_dry_run_changes_nothing(env: Environment) -> None:
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["outcome"] == "planned"
     assert snapshot(env) == before
+
+
+def test_previous_color_stops_after_its_rollback_window_and_rollback_then_redeploys(
+    env: Environment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    version = next_release(env)
+    with SteadyLoad(edge_url(env), rps=50):  # post-promotion analysis needs users' requests to judge
+        report = deploy.deploy(env, version)
+    assert report.outcome == "done", report.as_dict()
+    previous = report.from_color
+    result = invoke("scale-down", "--env", env.name, "--json")
+    assert result.returncode == 0, result.stderr
+    assert "still warm" in json.loads(result.stdout)["reason"]
+    assert previous in running_workloads(env)
+    later = datetime.now(UTC) + timedelta(seconds=env.deploy.rollback_window_s + 1)
+    monkeypatch.setattr(deploy, "_now", lambda: later)
+    stopped = deploy.scale_down(env)
+    assert (stopped.done, stopped.color) == (True, previous), stopped.as_dict()
+    assert previous not in running_workloads(env)
+    assert_consistent(env)
+    back = deploy.rollback(env, reason="after the window")
+    assert (back.path, back.to_color, back.verified) == ("redeploy", previous, True), back.as_dict()
+    assert assert_consistent(env).active == previous
