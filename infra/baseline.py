@@ -160,6 +160,25 @@ class Baseline(Component):
                     "ingress": [{"from": [ANYWHERE], "ports": tcp(*ports)}],
                 },
             )
+        # The deploy tooling reads Prometheus and posts to Alertmanager through the API server's service
+        # proxy; the API server is outside any namespace, as for the admission webhooks.
+        self._policy(
+            ns.observability,
+            "allow-api-server-proxy",
+            {
+                "podSelector": {
+                    "matchExpressions": [
+                        {
+                            "key": "app.kubernetes.io/name",
+                            "operator": "In",
+                            "values": ["prometheus", "alertmanager"],
+                        }
+                    ]
+                },
+                "policyTypes": ["Ingress"],
+                "ingress": [{"from": [ANYWHERE], "ports": tcp(9090, 9093)}],
+            },
+        )
         # Application: from the gateway and Prometheus in; to the data stores and the tracing collector out.
         self._policy(
             ns.app,

@@ -23,6 +23,10 @@ COMPONENT_LABEL = "app.kubernetes.io/component"
 NAME_LABEL = "app.kubernetes.io/name"
 COLOR_LABEL = "maximus.io/color"
 ACTIVE_COLOR_ANNOTATION = "maximus.io/active-color"
+# The deploy tooling's own gateway consumer: Kong names the authenticated consumer to the upstream in
+# CONSUMER_HEADER (set, or cleared, by its auth plugin), so the mesh's preview routes answer only it.
+DEPLOY_CONSUMER = "maximus-deploy"
+CONSUMER_HEADER = "x-consumer-username"
 TRAFFIC_OWNER_ANNOTATION = "maximus.io/traffic-owner"
 NONROOT_UID = 10001
 MESH_NAMESPACE = "istio-system"

@@ -13,6 +13,8 @@ import pulumi_kubernetes as k8s
 
 from infra.alerts import Alert, Example, Group
 from infra.common import (
+    CONSUMER_HEADER,
+    DEPLOY_CONSUMER,
     KONG_RELEASE,
     Component,
     KubernetesObject,
@@ -21,12 +23,16 @@ from infra.common import (
     chart_values_resources,
     container_security,
 )
+from infra.mesh import PREVIEW_HEADER
 from opskit.model import Resources, RouteLimit
 
 KONG_API = "configuration.konghq.com/v1"
 INGRESS_CLASS = "kong"
 CONSUMER = "maximus-client"
 API_KEY_SECRET = "maximus-gateway-api-key"  # noqa: S105 - a Secret's name
+DEPLOY_API_KEY_SECRET = "maximus-gateway-deploy-api-key"  # noqa: S105  # pragma: allowlist secret - a name
+# Who a request claims to be, or which color it asks for, means something only after authentication.
+IDENTITY_HEADERS = (CONSUMER_HEADER, "x-consumer-id", PREVIEW_HEADER)
 API_KEY_HEADER = "X-API-Key"
 PROXY_SIZE = Resources(cpu_request="250m", memory_request="256Mi", cpu_limit="1", memory_limit="1Gi")
 
@@ -37,6 +43,7 @@ class GatewayArgs:
     service_name: str
     service_port: int
     api_key: pulumi.Output[str]
+    deploy_api_key: pulumi.Output[str]
     tls: tuple[pulumi.Output[str], pulumi.Output[str]] | None = None
     after: Sequence[pulumi.Resource] = field(default_factory=tuple)
 
@@ -106,25 +113,42 @@ class Gateway(Component):
                 release=release,
             )
         )
-        credential = k8s.core.v1.Secret(
-            self.rname("api-key"),
-            metadata=self.meta(API_KEY_SECRET, app_ns, labels={"konghq.com/credential": settings.auth}),
-            type="Opaque",
-            # key-auth: the API key clients send in X-API-Key; jwt: the HS256 secret tokens are signed with.
-            string_data=(
-                {"key": args.api_key}
-                if settings.auth == "key-auth"
-                else {"key": CONSUMER, "algorithm": "HS256", "secret": args.api_key}
-            ),
-            opts=self.opts(),
-        )
-        KubernetesObject(
-            self.rname("consumer"),
-            KONG_API,
-            "KongConsumer",
-            metadata=self.meta(CONSUMER, app_ns, annotations={"kubernetes.io/ingress.class": INGRESS_CLASS}),
-            fields={"username": CONSUMER, "credentials": [API_KEY_SECRET]},
-            opts=self.opts(depends_on=[release, credential]),
+        # The clients' consumer, and the deploy tooling's own: only it reaches an idle color (mesh.py).
+        for prefix, consumer, secret_name, key in (
+            ("", CONSUMER, API_KEY_SECRET, args.api_key),
+            ("deploy-", DEPLOY_CONSUMER, DEPLOY_API_KEY_SECRET, args.deploy_api_key),
+        ):
+            credential = k8s.core.v1.Secret(
+                self.rname(f"{prefix}api-key"),
+                metadata=self.meta(secret_name, app_ns, labels={"konghq.com/credential": settings.auth}),
+                type="Opaque",
+                # key-auth: the API key sent in X-API-Key; jwt: the HS256 secret tokens are signed with.
+                string_data=(
+                    {"key": key}
+                    if settings.auth == "key-auth"
+                    else {"key": consumer, "algorithm": "HS256", "secret": key}
+                ),
+                opts=self.opts(),
+            )
+            KubernetesObject(
+                self.rname(f"{prefix}consumer"),
+                KONG_API,
+                "KongConsumer",
+                metadata=self.meta(
+                    consumer, app_ns, annotations={"kubernetes.io/ingress.class": INGRESS_CLASS}
+                ),
+                fields={"username": consumer, "credentials": [secret_name]},
+                opts=self.opts(depends_on=[release, credential]),
+            )
+        plugins.append(
+            self._plugin(
+                "strip-identity",
+                name="maximus-strip-identity",
+                namespace=app_ns,
+                plugin="request-transformer",
+                config={"remove": {"headers": list(IDENTITY_HEADERS)}},
+                release=release,
+            )
         )
         if settings.cluster_issuer is None:
             if args.tls is None:
@@ -163,6 +187,8 @@ class Gateway(Component):
             names = [f"maximus-limit-ip-{slug}"]
             if route.auth:
                 names += ["maximus-limit-per-consumer", f"maximus-{settings.auth}"]
+            else:
+                names += ["maximus-strip-identity"]
             k8s.networking.v1.Ingress(
                 self.rname(f"ingress-{slug}"),
                 metadata=self.meta(

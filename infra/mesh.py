@@ -19,6 +19,8 @@ from infra.alerts import Alert, Example, Group
 from infra.common import (
     ACTIVE_COLOR_ANNOTATION,
     COLOR_LABEL,
+    CONSUMER_HEADER,
+    DEPLOY_CONSUMER,
     JAEGER_COLLECTOR,
     TRAFFIC_OWNER_ANNOTATION,
     Component,
@@ -207,7 +209,14 @@ class Mesh(Component):
                     *(
                         {
                             "name": f"preview-{color}",
-                            "match": [{"headers": {PREVIEW_HEADER: {"exact": color}}}],
+                            "match": [
+                                {
+                                    "headers": {
+                                        PREVIEW_HEADER: {"exact": color},
+                                        CONSUMER_HEADER: {"exact": DEPLOY_CONSUMER},
+                                    }
+                                }
+                            ],
                             "route": [
                                 {
                                     "destination": {

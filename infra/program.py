@@ -96,6 +96,7 @@ def main() -> dict[str, Any]:
             service_name=service.name,
             service_port=service.port,
             api_key=secrets.gateway_api_key,
+            deploy_api_key=secrets.gateway_deploy_api_key,
             tls=secrets.gateway_tls,
             after=meshed,
         ),

@@ -23,6 +23,7 @@ SECRET_KEYS: dict[str, str] = {
     "alertmanagerSlackWebhookUrl": "Slack incoming-webhook URL of #maximus-alerts",
     "alertmanagerPagerdutyRoutingKey": "PagerDuty routing key for critical alerts",
     "gatewayApiKey": "the API key (X-API-Key) of the gateway's first consumer",
+    "gatewayDeployApiKey": "the API key of the deploy tooling's own gateway consumer (pre-promotion smoke)",
 }
 BUILD_SECRET_KEY = "registryPassword"  # noqa: S105 - a config key
 TLS_SECRET_KEYS: dict[str, str] = {
@@ -53,6 +54,7 @@ class StackSecrets:
     alertmanager_slack_webhook_url: pulumi.Output[str]
     alertmanager_pagerduty_routing_key: pulumi.Output[str]
     gateway_api_key: pulumi.Output[str]
+    gateway_deploy_api_key: pulumi.Output[str]
     registry_password: pulumi.Output[str] | None
     gateway_tls: tuple[pulumi.Output[str], pulumi.Output[str]] | None
 
@@ -78,6 +80,7 @@ def load_secrets(env: Environment) -> StackSecrets:
         alertmanager_slack_webhook_url=values["alertmanagerSlackWebhookUrl"],
         alertmanager_pagerduty_routing_key=values["alertmanagerPagerdutyRoutingKey"],
         gateway_api_key=values["gatewayApiKey"],
+        gateway_deploy_api_key=values["gatewayDeployApiKey"],
         registry_password=values.get(BUILD_SECRET_KEY),
         gateway_tls=(
             (values["gatewayTlsCertificate"], values["gatewayTlsPrivateKey"])

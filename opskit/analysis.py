@@ -33,6 +33,7 @@ from typing import Any, Literal, Protocol
 import httpx
 
 from opskit import localenv
+from opskit.kube import KubeError
 from opskit.model import Analysis, Color, Environment
 
 Verdict = Literal["pass", "fail", "no-data", "error"]
@@ -128,6 +129,8 @@ class PrometheusProvider:
             raise ProviderError(f"{self.describe()}: no answer within {self.timeout_s:g} s") from None
         except httpx.HTTPError as exc:
             raise ProviderError(f"{self.describe()} is unreachable ({_reason(exc)})") from None
+        except KubeError as exc:  # the API server's credentials, on the way to a cluster's Prometheus
+            raise ProviderError(f"{self.describe()}: {exc}") from None
         try:
             body: Any = response.json()
         except ValueError:
@@ -284,19 +287,20 @@ def smoke(
             if response.status_code >= 500:
                 failed += 1
     ratio_t, latency_t = policy.error_ratio_max, float(policy.latency_p95_ms_max)
+    if unmeasured:  # misrouted or refused: what answered is not the release, so nothing is known of it
+        detail = f"{len(unmeasured)} of {requests} answers did not come from the release ({unmeasured[0]})"
+        return not_measured(described, detail, policy)
     if not latencies:
-        why = (unmeasured or transport)[0]
-        return not_measured(described, f"{base_url} answered none of {requests} requests ({why})", policy)
-    measured = requests - len(unmeasured)
-    ratio = failed / measured
+        return not_measured(
+            described, f"{base_url} answered none of {requests} requests ({transport[0]})", policy
+        )
+    ratio = failed / requests
     p95 = round(_nearest_rank(latencies, 0.95), 2)
     note = f"; {len(transport)} without an answer ({transport[0]})" if transport else ""
-    if unmeasured:
-        note += f"; {len(unmeasured)} not measured ({unmeasured[0]})"
     ratio_m = judge(SMOKE_ERROR_RATIO, described, [ratio], ratio_t)
     latency_m = judge(SMOKE_LATENCY_P95, described, [p95], latency_t)
     return [
-        replace(ratio_m, detail=f"{failed}/{measured} failed; {ratio_m.detail}{note}"),
+        replace(ratio_m, detail=f"{failed}/{requests} failed; {ratio_m.detail}{note}"),
         replace(latency_m, detail=f"{len(latencies)} answers; {latency_m.detail}"),
     ]
 

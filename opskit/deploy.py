@@ -358,8 +358,9 @@ class Deployment:
 
     def switch(self) -> None:
         d = self.record
-        self.router.switch(d["to"]["color"])
+        # Marked first: a crash between the two never leaves a breaking release live without the mark.
         self.target.mark_needs_restore(d["migration"] == "breaking")
+        self.router.switch(d["to"]["color"])
         self.state.active = d["to"]["color"]
         warm_until = _now() + timedelta(seconds=self.env.deploy.rollback_window_s)
         self.state.previous = {
@@ -395,15 +396,26 @@ class Deployment:
         self.record["state"] = "held"
         self.record["reason"] = reason
         self._persist()
-        self.log.write(self.env.name, "deploy.held", deploy=self.record["id"], reason=reason)
-        self.target.notify(
+        notified = self._notify(
             "MaximusDeployHeld",
-            severity="warning",
             summary=f"deploy {self.record['id']} of {self.env.name} is held",
             description=f"{reason}. Next: `invoke deploy --env {self.env.name} --resume` to analyse "
             f"again, or `invoke rollback --env {self.env.name}`.",
-            runbook="alerts/MaximusDeployHeld.md",
         )
+        self.log.write(
+            self.env.name, "deploy.held", deploy=self.record["id"], reason=reason, notified=notified
+        )
+
+    def _notify(self, name: str, *, summary: str, description: str) -> str:
+        """Send a warning; an alert nobody received is said out loud, so the operator pages by hand."""
+        channel = self.target.notify(
+            name, severity="warning", summary=summary, description=description, runbook=f"alerts/{name}.md"
+        )
+        if channel == "none":
+            self.events(
+                f"WARNING: the alert {name} reached nobody (Alertmanager and webhook away): page on-call"
+            )
+        return channel
 
     def rollback_after_switch(self, reason: str) -> None:
         """Automatic rollback: back to the warm previous color, the new one stopped."""
@@ -412,11 +424,14 @@ class Deployment:
         self.target.mark_needs_restore(False)
         self.state.active = d["from"]["color"]
         self.state.previous = d.get("previous_before")
-        self.state.colors.pop(d["to"]["color"], None)
-        self._expire_replaced_previous()
+        self._stop_new_color()
         d["state"], d["reason"] = "rolled-back", reason
         self._persist()
-        self.target.run_colors(self.state)
+        notified = self._notify(
+            "MaximusRollback",
+            summary=f"{self.env.name}: release {d['version']} rolled back automatically",
+            description=reason,
+        )
         self.log.write(
             self.env.name,
             "rollback",
@@ -425,14 +440,17 @@ class Deployment:
             reason=reason,
             to=d["from"]["color"],
             version=d["from"]["version"],
+            notified=notified,
         )
-        self.target.notify(
-            "MaximusRollback",
-            severity="warning",
-            summary=f"{self.env.name}: release {d['version']} rolled back automatically",
-            description=reason,
-            runbook="alerts/MaximusRollback.md",
-        )
+
+    def _stop_new_color(self) -> None:
+        """Stop the new release's color (unless it took traffic), the deploy still unfinished meanwhile: a
+        crash here leaves it `--abort`able, never finished with the color still running."""
+        if self.record["to"]["color"] != self.state.active:
+            self.state.colors.pop(self.record["to"]["color"], None)
+        self._expire_replaced_previous()
+        self._persist()
+        self.target.run_colors(self.state)
 
     def _expire_replaced_previous(self) -> None:
         """The release before this deploy ran on the color this deploy took over: it is cold now."""
@@ -445,15 +463,12 @@ class Deployment:
         d = self.record
         if self.state.active == d["to"]["color"] or self.router.routing().active == d["to"]["color"]:
             self.router.switch(d["from"]["color"])
-            self.target.mark_needs_restore(False)
             self.state.active = d["from"]["color"]
             self.state.previous = d.get("previous_before")
-        if d["to"]["color"] != self.state.active:
-            self.state.colors.pop(d["to"]["color"], None)
-        self._expire_replaced_previous()
+        self.target.mark_needs_restore(False)
+        self._stop_new_color()
         d["state"], d["reason"] = "aborted", reason
         self._persist()
-        self.target.run_colors(self.state)
         self.log.write(self.env.name, "deploy.aborted", deploy=d["id"], reason=reason)
         return "aborted"
 
@@ -475,7 +490,19 @@ class Deployment:
             self._persist()
 
     def run(self) -> DeployReport:
-        """Run from the persisted step to the end."""
+        """Run from the persisted step to the end; a failure says how to finish or undo the deploy."""
+        try:
+            return self._run()
+        except OpsError as exc:
+            if self.record.get("state") in ("in-progress", "held"):
+                d, name = self.record, self.env.name
+                exc.args = (
+                    f"{exc}; deploy {d['id']} stopped at step {d['step']}: "
+                    f"`invoke deploy --env {name} --resume` or `--abort`",
+                )
+            raise
+
+    def _run(self) -> DeployReport:
         d = self.record
         step = d["step"]
         order = STEPS.index(step)

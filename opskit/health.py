@@ -268,7 +268,7 @@ def _edge(env: Environment, edge: str, transport: httpx.BaseTransport | None) ->
         key = os.environ.get(GATEWAY_KEY_VAR)
         if not key:
             raise OperationFailed(f"${GATEWAY_KEY_VAR} is not set: the gateway cannot be asked")
-        with httpx.Client(base_url=edge, transport=transport, timeout=None) as client:  # noqa: S113 - bounded
+        with httpx.Client(base_url=edge, transport=transport, timeout=HTTP_TIMEOUT_S) as client:
             response = client.get("healthz", headers={"X-API-Key": key})
         if response.status_code != 200:
             raise OperationFailed(f"HTTP {response.status_code}: {response.text.strip()[:120]}")

@@ -97,10 +97,19 @@ def _describe(lease: dict[str, Any]) -> str:
     return f"{operation} ({spec.get('holderIdentity')}, since {spec.get('acquireTime')})"
 
 
+class HeldLease:
+    """The Lease as its holder sees it: `lost` is set once someone else took it (after a stale break)."""
+
+    def __init__(self, identity: str) -> None:
+        self.identity = identity
+        self.stop = threading.Event()
+        self.lost = threading.Event()
+
+
 @contextmanager
 def lease_lock(
     env: Environment, client: KubeClient, operation: str, *, break_stale: bool = False
-) -> Iterator[str]:
+) -> Iterator[HeldLease]:
     """Hold the environment's Lease for `operation`, or raise LockHeld (exit 3) naming the holder."""
     path = lease_path(env)
     me = f"{socket.gethostname()}:{os.getpid()}"
@@ -125,13 +134,13 @@ def lease_lock(
         )
     except KubeConflict:
         _take(env, client, path, spec, annotations, break_stale=break_stale)
-    stop = threading.Event()
-    renewer = threading.Thread(target=_renew, args=(client, path, me, stop), daemon=True)
+    held = HeldLease(me)
+    renewer = threading.Thread(target=_renew, args=(client, path, held), daemon=True)
     renewer.start()
     try:
-        yield me
+        yield held
     finally:
-        stop.set()
+        held.stop.set()
         renewer.join()
         _release(client, path, me)
 
@@ -167,16 +176,23 @@ def _take(
         raise LockHeld(f"environment {env.name}: its lock was taken meanwhile ({exc})") from exc
 
 
-def _renew(client: KubeClient, path: str, me: str, stop: threading.Event) -> None:
-    while not stop.wait(RENEW_EVERY_S):
-        patch = [
-            {"op": "test", "path": "/spec/holderIdentity", "value": me},
-            {"op": "add", "path": "/spec/renewTime", "value": _micro(datetime.now(UTC))},
-        ]
-        try:
-            client.patch(path, patch, "json")
-        except KubeError:
-            continue  # the next renewal tries again; the lease outlives a few missed ones
+def _renew(client: KubeClient, path: str, held: HeldLease) -> None:
+    while not held.stop.wait(RENEW_EVERY_S) and not held.lost.is_set():
+        renew(client, path, held)
+
+
+def renew(client: KubeClient, path: str, held: HeldLease) -> None:
+    """Move the Lease's renewTime on, if it is still ours; else mark it lost."""
+    patch = [
+        {"op": "test", "path": "/spec/holderIdentity", "value": held.identity},
+        {"op": "add", "path": "/spec/renewTime", "value": _micro(datetime.now(UTC))},
+    ]
+    try:
+        client.patch(path, patch, "json")
+    except KubeConflict:
+        held.lost.set()  # someone broke it as stale and holds it now
+    except KubeError:
+        return  # the next renewal tries again; the lease outlives a few missed ones
 
 
 def _release(client: KubeClient, path: str, me: str) -> None:
@@ -215,6 +231,7 @@ class ClusterTarget:
         self.log = kuberollout.audit_log(env)
         self.edge_transport = edge_transport
         self.storage = storage
+        self.held: HeldLease | None = None
         self.sleep = sleep
         self.clock = clock
 
@@ -250,6 +267,11 @@ class ClusterTarget:
         )
 
     def write_state(self, state: envstate.EnvState) -> None:
+        if self.held is not None and self.held.lost.is_set():
+            raise LockHeld(
+                f"{self.env.name}: this operation lost its lock (someone broke it as stale) and stopped "
+                "before changing anything more; `invoke status` shows where it stood"
+            )
         text = json.dumps(
             {
                 "active": state.active,
@@ -328,7 +350,13 @@ class ClusterTarget:
         return plan
 
     def wait_ready(self, color: str) -> str | None:
-        version = self.read_state().colors.get(color, {}).get("version")
+        state = self.read_state()
+        wanted = state.deploy.get("to") or {}
+        version = (
+            wanted.get("version")
+            if wanted.get("color") == color
+            else state.colors.get(color, {}).get("version")
+        )
         return kuberollout.wait_rollout(
             self.env, self.client, color, version=version, sleep=self.sleep, clock=self.clock
         )
@@ -381,8 +409,14 @@ class ClusterTarget:
 
     # -- the rest ---------------------------------------------------------------------------------------
 
-    def lock(self, operation: str, break_stale: bool) -> Any:
-        return lease_lock(self.env, self.client, operation, break_stale=break_stale)
+    @contextmanager
+    def lock(self, operation: str, break_stale: bool) -> Iterator[HeldLease]:
+        with lease_lock(self.env, self.client, operation, break_stale=break_stale) as held:
+            self.held = held
+            try:
+                yield held
+            finally:
+                self.held = None
 
     def mark_needs_restore(self, needed: bool) -> None:
         kuberollout.set_needs_restore(self.client, self.istio.path, needed)
@@ -424,6 +458,14 @@ def rollback(
     whose release was rolled back is closed as rolled back."""
     target = target or ClusterTarget.connect(env)
     with target.lock("rollback", break_stale_lock):
+        before = target.read_state()
+        deploy = before.deploy
+        if deploy.get("state") in ("in-progress", "held") and before.active != deploy["to"]["color"]:
+            raise OperationFailed(
+                f"deploy {deploy['id']} stopped at step {deploy['step']}, before its switch: traffic is "
+                f"still on {before.active}, {deploy['to']['color']} runs the unproven {deploy['version']}; "
+                f"undo it with `invoke deploy --env {env.name} --abort`; nothing was changed"
+            )
         report = kuberollout.rollback(
             env, target.client, reason=reason, force=force, sleep=target.sleep, clock=target.clock
         )
@@ -434,7 +476,17 @@ def rollback(
         deploy = state.deploy
         if deploy.get("state") in ("in-progress", "held") and deploy["to"]["color"] == report.from_color:
             state.deploy = {**deploy, "state": "rolled-back", "reason": report.reason}
-        state.previous = None  # the release rolled back from is not one to go back to
+        # The release rolled back from stays warm for the window, as after a deploy (a second rollback
+        # goes forward to it again).
+        state.previous = {
+            "color": report.from_color,
+            "version": state.colors.get(report.from_color, {}).get("version"),
+            "warm_until": (datetime.now(UTC) + timedelta(seconds=env.deploy.rollback_window_s)).isoformat(
+                timespec="seconds"
+            ),
+            "needs_restore": False,
+            "backup": None,
+        }
         state.history = [
             *state.history,
             {

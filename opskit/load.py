@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from opskit import envstate, localenv
 from opskit.deploy import parse_inject
 from opskit.errors import BadInput, OperationFailed
-from opskit.model import ROOT, Environment
+from opskit.model import ROOT, Environment, keys_by_alias, one_line_error
 
 PROFILES_FILE = ROOT / "loadtests" / "profiles.yaml"
 LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
@@ -118,22 +118,6 @@ class LoadFile(Strict):
 # --- the profiles file ------------------------------------------------------------------------------------
 
 
-def _one_line(path: Path, exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    where = ".".join(str(part) for part in error["loc"])
-    if error["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif error["type"] == "literal_error":
-        message = f"{error['input']!r} is not accepted; accepted: {error['ctx']['expected']}"
-    elif error["type"] == "missing":
-        message = "missing; this key is required"
-    else:
-        message = f"{error['input']!r}: {error['msg'].removeprefix('Value error, ')}"
-        if isinstance(error["input"], dict | list):
-            message = error["msg"].removeprefix("Value error, ")
-    return f"{path.name}: {where or '(top level)'}: {message}"
-
-
 def load_profiles(path: Path = PROFILES_FILE) -> LoadFile:
     """Read and validate the profiles file; BadInput (exit 2) names the first bad key or value."""
     try:
@@ -145,7 +129,7 @@ def load_profiles(path: Path = PROFILES_FILE) -> LoadFile:
     try:
         return LoadFile.model_validate(data)
     except ValidationError as exc:
-        raise BadInput(_one_line(path, exc)) from None
+        raise BadInput(one_line_error(LoadFile, exc, path.name, keys_by_alias)) from None
 
 
 def profile_for(env: Environment, name: str, path: Path = PROFILES_FILE) -> tuple[EnvironmentLoad, Profile]:

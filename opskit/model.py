@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from opskit.errors import BadInput
 
@@ -29,6 +37,17 @@ PRODUCTION_MIN_REPLICAS = 2
 
 Port = Annotated[int, Field(ge=1024, le=65535)]
 Seconds = Annotated[float, Field(gt=0, le=86400)]
+
+
+def _compiles(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression ({exc})") from exc
+    return value
+
+
+Regex = Annotated[str, AfterValidator(_compiles)]
 Color = Literal["blue", "green"]
 COLORS: tuple[Color, Color] = ("blue", "green")
 
@@ -110,21 +129,12 @@ class Service(Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9]{0,29}$")
     image: str = Field(pattern=r"^[a-z0-9.\-/:]+$")
     version: str
-    version_pattern: str = r"^\d+\.\d+\.\d+(-[0-9A-Za-z.]+)?$"
+    version_pattern: Regex = r"^\d+\.\d+\.\d+(-[0-9A-Za-z.]+)?$"
     port: Port = 8000
     replicas: Replicas
     autoscaling: Autoscaling = Autoscaling()
     slo: Slo
     graceful_shutdown_s: int = Field(default=30, ge=1, le=30)
-
-    @field_validator("version_pattern")
-    @classmethod
-    def _compiles(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a regular expression ({exc})") from exc
-        return value
 
     @model_validator(mode="after")
     def _version_matches(self) -> Service:

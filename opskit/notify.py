@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from opskit.kube import KubeError
 from opskit.model import Environment
 
 TIMEOUT_S = 2.0
@@ -68,7 +69,7 @@ def send(
                 response = alertmanager.post("api/v2/alerts", json=[alert], timeout=TIMEOUT_S)
             if response.status_code == 200:
                 return "alertmanager"
-        except httpx.HTTPError:
+        except (httpx.HTTPError, KubeError):  # KubeError: the API server's credentials, on a cluster
             pass
     if webhook is None:
         return "none"

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from opskit import controls as control_matrix
 from opskit.errors import BadInput, OperationFailed
-from opskit.model import ROOT, keys_by_alias, one_line_error
+from opskit.model import ROOT, Regex, keys_by_alias, one_line_error
 
 POLICY_PATH = ROOT / "governance" / "policy.yaml"
 Risk = Literal["low", "medium", "high"]
@@ -128,20 +128,11 @@ class EnvironmentRules(Strict):
 
 
 class Policy(Strict):
-    ticket_pattern: str
+    ticket_pattern: Regex
     risk_levels: RiskLevels
     min_risk_by_migration: MinRisk
     change_types: ChangeTypes
     environments: dict[str, EnvironmentRules]
-
-    @field_validator("ticket_pattern")
-    @classmethod
-    def _compiles(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"not a regular expression ({exc})") from exc
-        return value
 
 
 # --- loading ------------------------------------------------------------------------------------------------

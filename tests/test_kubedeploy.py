@@ -17,13 +17,13 @@ from typing import Any
 import httpx
 import pytest
 
-from infra import mesh, monitoring
+from infra import common, mesh, monitoring
 from opskit import deploy, health, kubedeploy, kuberollout
 from opskit.backup_storage import LocalDirStorage
 from opskit.errors import BadInput, LockHeld, OperationFailed
 from opskit.kube import HttpKubeClient
 from opskit.model import COLORS, Environment, load_environment
-from opskit.routers import istio
+from opskit.routers import RouterError, istio
 from tests.test_kube_routers import NAMESPACE, SERVER, TOKEN, VS_PATH, FakeKubeApi, weights_of
 from tests.test_kuberollout import FakeTime, set_ready, set_version
 
@@ -105,9 +105,19 @@ class Cluster:
         query = request.url.params["query"]
         self.queries.append(query)
         color = re.search(r'color="(\w+)"', query)
-        if color is None:  # not the analysis: nothing recorded
+        if color is None:  # kafka-exporter's series, which a backup reads
+            series: list[dict[str, Any]] = []
+            if query.startswith("kafka_brokers"):
+                series = [{"metric": {"namespace": f"{NAMESPACE}-data"}, "value": [self.time.now, "1"]}]
+            elif "kafka_consumergroup_current_offset" in query:
+                labels = {
+                    "consumergroup": "hitl-decisions",
+                    "topic": "maximus.hitl.decisions",
+                    "partition": "0",
+                }
+                series = [{"metric": labels, "value": [self.time.now, "42"]}]
             return httpx.Response(
-                200, json={"status": "success", "data": {"resultType": "vector", "result": []}}
+                200, json={"status": "success", "data": {"resultType": "vector", "result": series}}
             )
         if "histogram_quantile" in query:
             value = 42.0
@@ -211,6 +221,10 @@ def test_preview_routes_send_the_header_to_its_color_and_are_never_switched(
     previews = [r for r in api.objects[VS_PATH]["spec"]["http"] if r["name"].startswith("preview-")]
     assert [(r["match"][0]["headers"][istio.PREVIEW_HEADER]["exact"], r["route"][0]["destination"]["subset"])
             for r in previews] == [("blue", "blue"), ("green", "green")]  # fmt: skip
+    # Only the deploy tooling's own gateway consumer: any other client's header is ignored.
+    assert {r["match"][0]["headers"][common.CONSUMER_HEADER]["exact"] for r in previews} == {
+        common.DEPLOY_CONSUMER
+    }
     target.router.switch("green")
     after = [r for r in api.objects[VS_PATH]["spec"]["http"] if r["name"].startswith("preview-")]
     assert after == previews
@@ -530,3 +544,66 @@ def test_previous_color_is_scaled_down_after_its_rollback_window_and_rollback_th
     report = kubedeploy.rollback(env, reason="drill", target=target)
     assert (report.path, report.to_color, report.version) == ("redeploy", "blue", "1.0.0")
     assert cluster.active() == "blue" and cluster.replicas("blue") == env.service.replicas.min
+
+
+def test_rollback_refuses_while_a_deploy_stopped_before_its_switch(
+    env: Environment, target: kubedeploy.ClusterTarget, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other color runs the new, unproven release: going there would be a promotion, not a rollback."""
+    advance = deploy.Deployment.advance
+
+    def die_at_analysis(self: deploy.Deployment, name: str, detail: str = "") -> None:
+        advance(self, name, detail)
+        if name == "analysis-pre":
+            raise SystemExit(137)
+
+    monkeypatch.setattr(deploy.Deployment, "advance", die_at_analysis)
+    with pytest.raises(SystemExit):
+        run_deploy(env, target, "1.1.0")
+    monkeypatch.setattr(deploy.Deployment, "advance", advance)
+    with pytest.raises(OperationFailed, match=r"before its switch: traffic is still on blue.*--abort"):
+        kubedeploy.rollback(env, reason="drill", target=target)
+    assert cluster.active() == "blue"
+
+
+def test_smoke_answered_by_another_color_is_not_a_measurement(
+    target: kubedeploy.ClusterTarget, cluster: Cluster, api: FakeKubeApi
+) -> None:
+    """Preview routes missing (the gateway ignores the header): blue answers for green; never a pass."""
+    original = cluster.edge
+
+    def header_ignored(request: httpx.Request) -> httpx.Response:
+        del request.headers[istio.PREVIEW_HEADER]
+        return original(request)
+
+    target.edge_transport = httpx.MockTransport(header_ignored)
+    api.write(f"{DEPLOYMENTS}/hitl-green", lambda d: d["spec"].update(replicas=1))
+    cluster.reconcile()
+    smoke = target.smoke("green", lambda _m: None)
+    assert smoke.outcome == "abort"
+    assert {m.verdict for m in smoke.measurements} == {"error"}
+    assert "did not come from the release" in smoke.measurements[0].detail
+
+
+def test_a_lease_lost_to_someone_else_stops_the_deploy_before_its_next_step(
+    env: Environment, target: kubedeploy.ClusterTarget, cluster: Cluster, api: FakeKubeApi
+) -> None:
+    with target.lock("deploy", False) as held:
+        api.write(LEASE, lambda lease: lease["spec"].update(holderIdentity="someone-else:1"))
+        kubedeploy.renew(target.client, LEASE, held)  # the renewal finds the Lease taken
+        assert held.lost.is_set()
+        with pytest.raises(LockHeld, match="lost its lock"):
+            target.write_state(target.read_state())
+
+
+def test_a_shifted_preview_route_is_refused_not_switched(
+    target: kubedeploy.ClusterTarget, api: FakeKubeApi
+) -> None:
+    """After an update that moved routes around, a preview route carrying weights is refused: no switch."""
+
+    def shifted(vs: dict[str, Any]) -> None:
+        vs["spec"]["http"][0]["route"] = copy.deepcopy(vs["spec"]["http"][3]["route"])
+
+    api.write(VS_PATH, shifted)
+    with pytest.raises(RouterError, match=r"\(preview-blue\) routes to subsets \['blue', 'green'\]"):
+        target.router.switch("green")

@@ -14,7 +14,7 @@ import pytest
 import infra.dashboards
 from infra import policies
 from infra import secrets as stack_secrets
-from opskit import model, stack
+from opskit import kuberollout, model, stack
 from opskit.errors import BadInput
 
 ROOT = model.ROOT
@@ -276,9 +276,17 @@ def test_gateway_limits_each_route_per_ip_and_each_consumer(
     assert analyze["metadata"]["annotations"]["konghq.com/plugins"] == (
         "maximus-limit-ip-analyze,maximus-limit-per-consumer,maximus-key-auth"
     )
-    assert (
-        "key-auth" not in one(run, "Ingress", "hitl-health")["metadata"]["annotations"]["konghq.com/plugins"]
-    )
+    health = one(run, "Ingress", "hitl-health")["metadata"]["annotations"]["konghq.com/plugins"]
+    # Unauthenticated: no consumer to vouch for a claimed identity or a preview color, so both are dropped.
+    assert health == "maximus-limit-ip-health,maximus-strip-identity"
+    assert plugins["maximus-strip-identity"]["config"] == {
+        "remove": {"headers": ["x-consumer-username", "x-consumer-id", "x-maximus-color"]}
+    }
+    consumers = {c["username"]: c["credentials"] for c in objects(run, "KongConsumer").values()}
+    assert consumers == {
+        "maximus-client": ["maximus-gateway-api-key"],
+        "maximus-deploy": ["maximus-gateway-deploy-api-key"],
+    }
     assert analyze["spec"]["tls"][0]["secretName"] == "maximus-gateway-tls"
     # TLS: production from a cert-manager Certificate, staging from Pulumi config secrets.
     assert ("maximus-gateway-tls" in objects(run, "Certificate")) == (name == "production")
@@ -335,6 +343,18 @@ def test_baseline_namespaces_network_policies_and_rbac(runs: dict[str, stack.Sta
         o for o in run.objects() if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "default-deny"
     ]
     assert {o["metadata"]["namespace"] for o in deny} == set(namespaces)
+    # The deploy tooling's path to Prometheus and Alertmanager: the API server's proxy, from outside any pod.
+    proxy = next(
+        o
+        for o in run.objects()
+        if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "allow-api-server-proxy"
+    )
+    assert proxy["metadata"]["namespace"] == f"{env.namespace}-observability"
+    assert proxy["spec"]["podSelector"]["matchExpressions"][0]["values"] == ["prometheus", "alertmanager"]
+    assert [p["port"] for p in proxy["spec"]["ingress"][0]["ports"]] == [
+        kuberollout.PROMETHEUS_PORT,
+        kuberollout.ALERTMANAGER_PORT,
+    ]
     roles = [o for o in run.objects() if o["kind"] == "Role" and o["metadata"]["namespace"] == env.namespace]
     assert {r["metadata"]["name"] for r in roles} == {
         "maximus-admin", "maximus-operator", "maximus-readonly", "maximus-deploy",

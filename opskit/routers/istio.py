@@ -94,6 +94,7 @@ class IstioRouter:
         rules: list[tuple[int, str, list[dict[str, Any]]]] = []
         for index, rule in enumerate(http):
             if isinstance(rule, dict) and str(rule.get("name", "")).startswith(PREVIEW_ROUTE_PREFIX):
+                self._check_preview(index, rule)
                 continue
             label = f"spec.http[{index}]" + (
                 f" ({rule['name']})" if isinstance(rule, dict) and "name" in rule else ""
@@ -120,6 +121,17 @@ class IstioRouter:
                 f"{self.subject}: spec.http has only preview routes; accepted: the stack's routes"
             )
         return rules
+
+    def _check_preview(self, index: int, rule: dict[str, Any]) -> None:
+        """A preview route sends its color's header to that color alone; anything else was edited (or
+        shifted by an update of the stack) and is refused rather than trusted."""
+        color = str(rule["name"]).removeprefix(PREVIEW_ROUTE_PREFIX)
+        subsets = [((d or {}).get("destination") or {}).get("subset") for d in rule.get("route") or []]
+        if subsets != [color]:
+            raise RouterError(
+                f"{self.subject}: spec.http[{index}] ({rule['name']}) routes to subsets {subsets}; accepted: "
+                f"exactly [{color!r}]; re-apply the stack's routes (pulumi up) before switching"
+            )
 
     def _agreed(self, obj: dict[str, Any]) -> Routing:
         """The routing when every HTTP rule sends the same share to each color."""
