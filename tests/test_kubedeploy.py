@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+import socket
+import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -607,3 +609,34 @@ def test_a_shifted_preview_route_is_refused_not_switched(
     api.write(VS_PATH, shifted)
     with pytest.raises(RouterError, match=r"\(preview-blue\) routes to subsets \['blue', 'green'\]"):
         target.router.switch("green")
+
+
+def test_after_kill_9_the_lease_is_stale_and_resume_needs_break_stale_lock(
+    target: kubedeploy.ClusterTarget, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 gives nothing back: the Lease still names the dead process on this host."""
+    env, api = target.env, cluster.api
+    advance = deploy.Deployment.advance
+
+    def die_at_switch(self: deploy.Deployment, name: str, detail: str = "") -> None:
+        advance(self, name, detail)
+        if name == "switch":
+            raise SystemExit(137)
+
+    monkeypatch.setattr(deploy.Deployment, "advance", die_at_switch)
+    release = kubedeploy._release
+    monkeypatch.setattr(kubedeploy, "_release", lambda *_args: None)  # a killed process gives nothing back
+    with pytest.raises(SystemExit):
+        run_deploy(env, target, "1.1.0")
+    monkeypatch.setattr(deploy.Deployment, "advance", advance)
+    monkeypatch.setattr(kubedeploy, "_release", release)
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    gone = f"{socket.gethostname()}:{finished.pid}"
+    api.write(LEASE, lambda lease: lease["spec"].update(holderIdentity=gone))
+    assert kuberollout.status(env, target.client)["deploy"]["step"] == "switch"
+    with pytest.raises(LockHeld, match="a stale lock"):
+        deploy.deploy(env, None, resume=True, target=target)
+    report = deploy.deploy(env, None, resume=True, break_stale_lock=True, target=target)
+    assert report.outcome == "done", report.reason
+    assert cluster.active() == "green"
