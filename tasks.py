@@ -18,11 +18,11 @@ from invoke.exceptions import Exit
 from invoke.tasks import task
 
 from opskit import backup as backups
+from opskit import backup_kube, localenv, output
 from opskit import demo as demo_steps
 from opskit import health as health_checks
-from opskit import localenv, output
 from opskit import status as status_report
-from opskit.backup_kube import KubeBackupReport
+from opskit.backup_kube import KubeBackupReport, OffsetsNotExported
 from opskit.errors import BadInput, OpsError
 from opskit.model import Environment, load_environment
 
@@ -442,9 +442,16 @@ def _confirm_live_restore(env_name: str, yes: bool) -> bool:
 def db_backup(c: Context, env: str = "local", json: bool = False, break_stale_lock: bool = False) -> None:
     """Back up PostgreSQL and Redis (Kubernetes: an on-demand CloudNativePG backup), verified and listed."""
     with contract():
-        report = backups.backup(
-            load_environment(env), show_progress=not json, break_stale_lock=break_stale_lock
-        )
+        try:
+            report = backups.backup(
+                load_environment(env), show_progress=not json, break_stale_lock=break_stale_lock
+            )
+        except OffsetsNotExported as incomplete:  # the database backup is kept; its report says what is not
+            if json:
+                output.print_json(incomplete.report.as_dict())
+            else:
+                output.console.print(f"db.backup {env}: {_backup_line(incomplete.report)}")
+            raise
         if json:
             output.print_json(report.as_dict())
         else:
@@ -460,7 +467,10 @@ def _backup_line(report: backups.BackupReport | KubeBackupReport) -> str:
             f"{data['id']}: {data['tables']} tables, {data['rows']} rows, {data['redis_keys']} Redis keys, "
             f"{data['size'] / 1e6:.1f} MB in {data['seconds']:.1f} s; key {data['key_id']}; {data['storage']}"
         )
-    return f"{data['name']}: {data['phase']} in {data['seconds']:.0f} s; {data['kafka_topics']} Kafka topics"
+    return (
+        f"{data['name']}: {data['phase']} in {data['seconds']:.0f} s; {data['kafka_topics']} Kafka topics "
+        f"and consumer offsets ({data['consumer_offsets']}) in export {data['kafka_export']}"
+    )
 
 
 @task(name="list", help={"env": ENV_HELP, "json": JSON_HELP})
@@ -593,6 +603,33 @@ def db_prune(c: Context, env: str = "local", dry_run: bool = False, json: bool =
         )
 
 
+@task(
+    name="offsets",
+    help={
+        "env": "a Kubernetes environment (staging, production)",
+        "backup": "the Kafka export made with a backup (its id is in the db.backup report)",
+        "out": "a directory for the CSV files, one per consumer group (written 0600)",
+        "json": JSON_HELP,
+    },
+)
+def db_offsets(c: Context, env: str, backup: str, out: str, json: bool = False) -> None:
+    """Decrypt the consumer-group offsets exported with a backup: the input of kafka-consumer-groups.sh
+    --reset-offsets --from-file."""
+    with contract():
+        from opskit import backup_storage
+
+        environment = load_environment(env)
+        written = backup_kube.write_offsets(
+            environment, backup_storage.for_environment(environment), backup, Path(out)
+        )
+        if json:
+            output.print_json({"backup": backup, "files": [str(p) for p in written]})
+        else:
+            for path in written:
+                output.console.print(str(path))
+            output.console.print(backup_kube.restore_instructions(environment, backup))
+
+
 @task(help={"env": ENV_HELP, "json": JSON_HELP})
 def drill(c: Context, env: str = "local", json: bool = False) -> None:
     """Restore drill: latest backup -> scratch -> compare with its recorded checksums -> measured RTO."""
@@ -632,7 +669,7 @@ namespace.add_task(scale_down)
 namespace.add_task(loadtest)
 namespace.add_task(scan)
 db = Collection("db")
-for db_task in (db_backup, db_list, db_verify, db_restore, db_prune):
+for db_task in (db_backup, db_list, db_verify, db_restore, db_prune, db_offsets):
     db.add_task(db_task)
 namespace.add_collection(db)
 namespace.add_task(drill)

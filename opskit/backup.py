@@ -8,7 +8,12 @@ It is assembled under a temporary name and published by the storage only when co
 next backup, prune or drill sweeps what it left behind.
 
 PostgreSQL: `logical` (pg_dump, directory format, parallel jobs, one exported snapshot shared with the
-per-table checksums) or `physical` (pg_basebackup with its manifest, checked by pg_verifybackup).
+per-table checksums) or `physical` (pg_basebackup with its manifest, checked by pg_verifybackup before the
+archive is published). Per-table checksums are sums of a 64-bit hash per row (opskit.pgtools: by value
+where the column types allow it, else by text; the method is recorded per table), counted on parallel
+connections, a large table in block ranges. A logical restore feeds every table's data to pg_restore
+through a named pipe as it is decrypted (each chunk authenticated first, the file's sha256 checked in the
+same pass): no plaintext copy of the data on disk.
 Redis: BGSAVE confirmed by LASTSAVE and INFO persistence, the RDB copied, checked by redis-check-rdb and
 loaded into a scratch server for its key digest.
 
@@ -18,6 +23,8 @@ The other entry points take the environment's lock and write an audit record.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import hmac
 import json
@@ -30,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -66,6 +73,10 @@ DATABASE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 METRICS_FILE = "maximus_backup.prom"
 STATE_FILE = "backup-state.json"
 DEFAULT_JOBS = 2
+TAR_BLOCK = 1 << 20
+TABLE_DATA = re.compile(r"^postgres/\d+\.dat\.[a-z.]+$")
+PIPE_BYTES = 1 << 20
+PIPE_POLL_S = 0.002
 
 Tick = Callable[[int], None]
 
@@ -194,9 +205,7 @@ def _sha256(path: Path) -> str:
 
 
 def _mac(manifest: dict[str, Any], key: BackupKey) -> str:
-    body = {k: v for k, v in manifest.items() if k != "mac"}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    return hmac.new(key.key, b"maximus-backup-manifest:" + canonical, hashlib.sha256).hexdigest()
+    return backup_crypto.manifest_mac(manifest, key)
 
 
 def _version(package: str) -> str:
@@ -377,7 +386,8 @@ def _dump_physical(
     env: Environment, staged: Path, key: BackupKey, progress: Progress | None
 ) -> dict[str, Any]:
     database = pgtools.database_name(env)
-    plain = staged / "plain-pgdata"
+    plain = staged / "plain" / "pgdata"  # the name it has in the archive
+    plain.parent.mkdir()
     with pgtools.connect(env, "postgres") as conn:
         row = conn.execute(
             "SELECT sum(pg_database_size(datname))::bigint, current_setting('server_version') "
@@ -399,7 +409,7 @@ def _dump_physical(
     worker = threading.Thread(target=checksum, name="table-checksums")
     bar = _Bar(progress, "postgres: pg_basebackup", int(row[0]) if row[0] else None)
     worker.start()
-    try:
+    try:  # the checksums run beside the base backup, its verification and its sealing
         with bar.watching(plain):
             pgtools.run_tool(
                 [
@@ -411,25 +421,32 @@ def _dump_physical(
                     "--checkpoint=fast",
                     "--manifest-checksums=CRC32C",
                     "--no-password",
+                    # a working copy: only the sealed archive made from it must be durable (fsync below)
+                    "--no-sync",
                 ],
                 env=pgtools.tool_env(env),
                 what="pg_basebackup (needs a `replication` line for postgres in pg_hba.conf)",
             )
+        bar.done()
+        total = sum(p.stat().st_size for p in plain.rglob("*") if p.is_file())
+        seal_bar = _Bar(progress, f"postgres: tar + compress ({env.backup.compression}) + encrypt", total)
+        name = f"postgres/pgdata.tar{backup_crypto.SUFFIX[env.backup.compression]}"
+        (staged / "postgres").mkdir()
+        with ThreadPoolExecutor(max_workers=1) as pool:  # verified while it is sealed; both before publishing
+            verified = pool.submit(
+                pgtools.run_tool,
+                [pgtools.pg_bin(env, "pg_verifybackup"), "--quiet", str(plain)],
+                what="pg_verifybackup of the new backup",
+            )
+            size, digest = _seal_tar(
+                plain, staged / name, key, env.backup.compression, seal_bar, threads=_jobs(env)
+            )
+            verified.result()
     finally:
         worker.join()
-    bar.done()
     if failure:
         raise OperationFailed(f"table checksums of {database}: {failure[0]}") from failure[0]
-    pgtools.run_tool(
-        [pgtools.pg_bin(env, "pg_verifybackup"), "--quiet", str(plain)],
-        what="pg_verifybackup of the new backup",
-    )
-    total = sum(p.stat().st_size for p in plain.rglob("*") if p.is_file())
-    seal_bar = _Bar(progress, f"postgres: tar + compress ({env.backup.compression}) + encrypt", total)
-    name = f"postgres/pgdata.tar{backup_crypto.SUFFIX[env.backup.compression]}"
-    (staged / "postgres").mkdir()
-    size, digest = _seal_tar(plain, staged / name, key, env.backup.compression, seal_bar, threads=_jobs(env))
-    shutil.rmtree(plain)
+    shutil.rmtree(plain.parent)
     return {
         "method": "physical",
         "database": database,
@@ -446,28 +463,23 @@ def _dump_physical(
 def _seal_tar(
     plain: Path, target: Path, key: BackupKey, compression: Compression, tick: Tick, *, threads: int
 ) -> tuple[int, str]:
-    """Stream a tar of `plain` (as `pgdata/`) straight into the sealer: no tar file on disk."""
-    read_fd, write_fd = os.pipe()
-    failure: list[BaseException] = []
-
-    def produce() -> None:
-        try:
-            with os.fdopen(write_fd, "wb") as pipe, tarfile.open(fileobj=pipe, mode="w|") as tar:
-                tar.add(plain, arcname="pgdata")
-        except BaseException as exc:  # reported below, in the main thread
-            failure.append(exc)
-
-    producer = threading.Thread(target=produce, name="tar")
-    producer.start()
+    """A tar of `plain` (its members under `pgdata/`) written straight into the sealer: no tar file on
+    disk, files read in large blocks."""
     try:
-        with os.fdopen(read_fd, "rb") as source, target.open("wb") as out:
-            result = backup_crypto.seal(source, out, key, compression, tick, threads=threads)
+        with target.open("wb") as out:
+            sink = backup_crypto.SealWriter(out, key, compression, threads=threads, tick=tick)
+            with tarfile.TarFile(
+                fileobj=sink,  # type: ignore[arg-type]  # mode "w" only writes and asks tell()
+                mode="w",
+                format=tarfile.GNU_FORMAT,
+                copybufsize=TAR_BLOCK,
+            ) as tar:
+                tar.add(plain, arcname="pgdata")
+            result = sink.finish()
             out.flush()
             os.fsync(out.fileno())
-    finally:
-        producer.join()
-    if failure:
-        raise OperationFailed(f"tar of the base backup: {failure[0]}") from failure[0]
+    except (OSError, tarfile.TarError) as exc:
+        raise OperationFailed(f"tar of the base backup: {exc}") from exc
     return result
 
 
@@ -544,8 +556,10 @@ def _run_backup(env: Environment, storage: Storage, *, show_progress: bool, reas
     try:
         with _progress(show_progress) as progress:
             dump = _dump_physical if env.backup.method == "physical" else _dump_logical
-            postgres = dump(env, staged, key, progress)
-            redis_part = _dump_redis(env, staged, key, progress)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="redis") as pool:  # beside PostgreSQL
+                redis_future = pool.submit(_dump_redis, env, staged, key, progress)
+                postgres = dump(env, staged, key, progress)
+                redis_part = redis_future.result()
         files = {**postgres.pop("files"), **redis_part.pop("files")}
         manifest: dict[str, Any] = {
             "format": FORMAT,
@@ -712,12 +726,13 @@ def _unseal_all(
     *,
     tick: Tick,
     jobs: int,
+    skip: Callable[[str], bool] = lambda _: False,
 ) -> Path:
-    """Check and decrypt the backup's files into `scratch/plain`; the plain root."""
+    """Check and decrypt the backup's files (but those `skip` names) into `scratch/plain`; the plain root."""
     compression: Compression = manifest["compression"]
     suffix = backup_crypto.SUFFIX[compression]
     plain = scratch / "plain"
-    names = sorted(manifest["files"])
+    names = sorted(name for name in manifest["files"] if not skip(name))
 
     def one(name: str) -> None:
         stored = storage.fetch(manifest["id"], name, scratch / "fetched")
@@ -727,10 +742,100 @@ def _unseal_all(
         target.parent.mkdir(parents=True, exist_ok=True)
         backup_crypto.unseal_file(stored, target, key, compression, f"{manifest['id']}/{name}", tick=tick)
 
+    plain.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
         for _ in pool.map(one, names):
             pass
     return plain
+
+
+def _table_data(name: str) -> bool:
+    """A table's data file of a logical backup: read once, start to end, by pg_restore."""
+    return TABLE_DATA.fullmatch(name) is not None
+
+
+class _TableDataPipes:
+    """The table data files of a logical backup as named pipes in the plain directory, each decrypted
+    into its pipe when pg_restore opens it: no plaintext copy on disk, decryption beside the restore.
+
+    Every chunk is authenticated (AES-GCM) before it is written to a pipe, so nothing changed reaches the
+    database; the whole file's sha256 is compared at the end, in the same pass. `finish()` reports the
+    first failure; a pipe pg_restore never opened is abandoned when it exits."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        manifest: dict[str, Any],
+        key: BackupKey,
+        scratch: Path,
+        *,
+        tick: Tick,
+        jobs: int,
+    ) -> None:
+        self.storage, self.manifest, self.key, self.scratch, self.tick = storage, manifest, key, scratch, tick
+        self.compression: Compression = manifest["compression"]
+        suffix = backup_crypto.SUFFIX[self.compression]
+        plain = scratch / "plain"
+        self.pipes = {
+            name: plain / name.removesuffix(suffix) for name in manifest["files"] if _table_data(name)
+        }
+        for path in self.pipes.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.mkfifo(path, 0o600)
+        self.stop = threading.Event()
+        self.failures: list[BaseException] = []
+        self.pool = ThreadPoolExecutor(max_workers=max(4, 2 * jobs), thread_name_prefix="feed")
+        self.opener = threading.Thread(target=self._open_as_read, name="pipes", daemon=True)
+        self.opener.start()
+
+    def _open_as_read(self) -> None:
+        waiting = dict(self.pipes)
+        while waiting and not self.stop.is_set():
+            for name, path in list(waiting.items()):
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:  # no reader yet
+                        continue
+                    self.failures.append(exc)
+                    return
+                del waiting[name]
+                os.set_blocking(fd, True)
+                with suppress(OSError):  # a larger pipe: fewer switches (at most pipe-max-size)
+                    fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+                self.pool.submit(self._feed, name, fd)
+            self.stop.wait(PIPE_POLL_S)
+
+    def _feed(self, name: str, fd: int) -> None:
+        try:
+            digest = hashlib.sha256()
+            stored = self.storage.fetch(self.manifest["id"], name, self.scratch / "fetched")
+            with stored.open("rb") as source, os.fdopen(fd, "wb", buffering=PIPE_BYTES) as pipe:
+                backup_crypto.unseal(
+                    source,
+                    pipe,
+                    self.key,
+                    self.compression,
+                    f"{self.manifest['id']}/{name}",
+                    tick=self.tick,
+                    observe=digest.update,
+                )
+            if digest.hexdigest() != self.manifest["files"][name]["sha256"]:
+                raise OperationFailed(
+                    f"backup {self.manifest['id']}: {name} fails its sha256 (changed or damaged)"
+                )
+        except BaseException as exc:  # reported by finish(), in the main thread
+            self.failures.append(exc)
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.opener.join()
+        self.pool.shutdown(wait=True)
+        if self.failures:
+            first = self.failures[0]
+            if isinstance(first, OperationFailed | BadInput):
+                raise first
+            raise OperationFailed(f"backup {self.manifest['id']}: {first}") from first
 
 
 def _check_files(storage: Storage, manifest: dict[str, Any], scratch: Path) -> list[str]:
@@ -777,27 +882,99 @@ def verify(
     return VerifyReport(backup_id, not problems, checks, problems, round(time.monotonic() - started, 3))
 
 
+def _check_member(archive: str, member: tarfile.TarInfo) -> None:
+    """A base-backup member must stay inside the target (no absolute path, no '..') and be a file or a
+    directory."""
+    name = Path(member.name)
+    if name.is_absolute() or ".." in name.parts:
+        raise OperationFailed(f"{archive}: member {member.name!r} would leave the target directory")
+    if not (member.isfile() or member.isdir()):
+        raise OperationFailed(f"{archive}: member {member.name!r} is not a file or directory")
+
+
 def _extract(archive: Path, target: Path) -> None:
-    """Unpack a base-backup archive; members must stay inside `target` (no absolute paths, no '..')."""
+    """Unpack a base-backup archive; every member checked first."""
     with tarfile.open(archive) as tar:
         members = tar.getmembers()
         for member in members:
-            name = Path(member.name)
-            if name.is_absolute() or ".." in name.parts:
-                raise OperationFailed(
-                    f"{archive.name}: member {member.name!r} would leave the target directory"
-                )
-            if not (member.isfile() or member.isdir()):
-                raise OperationFailed(f"{archive.name}: member {member.name!r} is not a file or directory")
+            _check_member(archive.name, member)
         tar.extractall(target, members=members)  # noqa: S202 - every member checked above
+
+
+def _extract_sealed(
+    storage: Storage, manifest: dict[str, Any], key: BackupKey, name: str, *, target: Path, scratch: Path
+) -> None:
+    """Decrypt the sealed archive `name` and unpack it into `target` in one pass (no plaintext archive on
+    disk); each member is checked before it is written, the file's sha256 in the same pass."""
+    stored = storage.fetch(manifest["id"], name, scratch / "fetched")
+    read_fd, write_fd = os.pipe()
+    digest = hashlib.sha256()
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            with stored.open("rb") as source, os.fdopen(write_fd, "wb") as pipe:
+                backup_crypto.unseal(
+                    source,
+                    pipe,
+                    key,
+                    manifest["compression"],
+                    f"{manifest['id']}/{name}",
+                    observe=digest.update,
+                )
+        except BaseException as exc:  # reported below, in the main thread
+            failure.append(exc)
+
+    producer = threading.Thread(target=produce, name="unseal")
+    producer.start()
+    problem: BaseException | None = None
+    try:
+        with os.fdopen(read_fd, "rb") as pipe:
+            with tarfile.open(fileobj=pipe, mode="r|") as tar:
+                for member in tar:
+                    _check_member(name, member)
+                    tar.extract(member, target)
+            while pipe.read(PIPE_BYTES):  # the archive's padding: the whole file is read and hashed
+                pass
+    except (OSError, tarfile.TarError, OperationFailed) as exc:
+        problem = exc
+    finally:
+        producer.join()  # it stops at once when the pipe was closed early
+    if failure:  # a file that does not decrypt explains any unpacking problem
+        raise _as_failure(failure[0], manifest) from failure[0]
+    if isinstance(problem, OperationFailed):
+        raise problem
+    if problem is not None:
+        raise OperationFailed(f"backup {manifest['id']}: {name} does not unpack ({problem})") from problem
+    if digest.hexdigest() != manifest["files"][name]["sha256"]:
+        raise OperationFailed(f"backup {manifest['id']}: {name} fails its sha256 (changed or damaged)")
+
+
+def _as_failure(exc: BaseException, manifest: dict[str, Any]) -> OpsError:
+    if isinstance(exc, OpsError):
+        return exc
+    return OperationFailed(f"backup {manifest['id']}: {exc}")
 
 
 def _check_plain(env: Environment, manifest: dict[str, Any], plain: Path, scratch: Path) -> list[str]:
     checks = []
     if manifest["method"] == "cloudnative-pg":
         for path in sorted(plain.rglob("*.json")):
-            topics = json.loads(path.read_text()).get("kafka_topics", [])
-            checks.append(f"{path.name}: {len(topics)} Kafka topic declarations")
+            document = json.loads(path.read_text())
+            if "kafka_topics" in document:
+                checks.append(f"{path.name}: {len(document['kafka_topics'])} Kafka topic declarations")
+            else:
+                groups = document.get("groups") or {}
+                read_at = document.get("read_at")
+                checks.append(f"{path.name}: offsets of {len(groups)} consumer groups, read at {read_at}")
+        csvs = sorted(plain.rglob("*.csv"))
+        if csvs:
+            checks.append(
+                f"{len(csvs)} offset files for kafka-consumer-groups.sh --reset-offsets --from-file"
+            )
+        record = manifest.get("consumer_offsets")
+        if record and record.get("status") != "exported":
+            checks.append(f"consumer offsets: unavailable ({record.get('reason')})")
         return checks
     if manifest["method"] == "physical":
         _extract(plain / "postgres" / "pgdata.tar", scratch / "extracted")
@@ -822,30 +999,53 @@ def _check_plain(env: Environment, manifest: dict[str, Any], plain: Path, scratc
 # --- restore --------------------------------------------------------------------------------------------
 
 
-def _restore_logical(env: Environment, plain: Path, target: str, owner: str) -> None:
-    with pgtools.connect(env, "postgres") as admin:
-        admin.execute(
-            sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0").format(
-                sql.Identifier(target), sql.Identifier(owner)
-            )
-        )
+def _restore_logical(
+    env: Environment, plain: Path, target: str, owner: str, pipes: _TableDataPipes | None = None
+) -> None:
+    """pg_restore of the plain dump into a new database `target`; with `pipes`, the table data arrive
+    decrypted through named pipes while it runs. Any failure drops `target`."""
     try:
-        pgtools.run_tool(
-            [
-                pgtools.pg_bin(env, "pg_restore"),
-                *pgtools.connect_args(env),
-                f"--dbname={target}",
-                f"--jobs={_jobs(env)}",
-                "--exit-on-error",
-                str(plain / "postgres"),
-            ],
-            env=pgtools.tool_env(env),
-            what=f"pg_restore into {target}",
-        )
+        with pgtools.connect(env, "postgres") as admin:
+            admin.execute(
+                sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0").format(
+                    sql.Identifier(target), sql.Identifier(owner)
+                )
+            )
+    except BaseException:
+        if pipes is not None:
+            pipes.finish()
+        raise
+    try:
+        failed: OperationFailed | None = None
+        try:
+            pgtools.run_tool(
+                [
+                    pgtools.pg_bin(env, "pg_restore"),
+                    *pgtools.connect_args(env),
+                    f"--dbname={target}",
+                    f"--jobs={_jobs(env)}",
+                    "--exit-on-error",
+                    str(plain / "postgres"),
+                ],
+                env=pgtools.tool_env(env),
+                what=f"pg_restore into {target}",
+            )
+        except OperationFailed as exc:
+            failed = exc
+        finally:
+            if pipes is not None:
+                pipes.finish()  # raises a decryption failure first: it explains a restore's failure better
+        if failed is not None:
+            raise failed
     except BaseException:
         with pgtools.connect(env, "postgres") as admin:
             pgtools.drop_database(admin, target)
         raise
+
+
+def _methods(manifest: dict[str, Any]) -> dict[str, str]:
+    """How each table's checksum was computed (manifests before methods were recorded: from the text)."""
+    return {table: str(meta.get("method", "text")) for table, meta in manifest["postgres"]["tables"].items()}
 
 
 def _compare(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
@@ -854,7 +1054,7 @@ def _compare(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:
         want, got = expected.get(table), found.get(table)
         if want is None or got is None:
             mismatches.append(f"{table}: {'missing after restore' if got is None else 'not in the backup'}")
-        elif want != got:
+        elif (want["rows"], want["checksum"]) != (got["rows"], got["checksum"]):
             mismatches.append(
                 f"{table}: rows {got['rows']} (recorded {want['rows']}), checksum "
                 f"{'equal' if want['checksum'] == got['checksum'] else 'differs'}"
@@ -986,13 +1186,17 @@ def _restore_locked(
     with pgtools.scratch_dir(work_dir(env), f"restore-{manifest['id']}-") as scratch:
         total = sum(int(f["size"]) for f in manifest["files"].values())
         with _progress(show_progress) as progress:
-            unsealing = _Bar(progress, "decrypt + decompress", total)
-            plain = _unseal_all(store, manifest, key, scratch, tick=unsealing, jobs=_jobs(env))
-            bar = _Bar(progress, "pg_restore", None)
+            unsealing = _Bar(progress, "decrypt + decompress + pg_restore", total)
+            plain = _unseal_all(
+                store, manifest, key, scratch, tick=unsealing, jobs=_jobs(env), skip=_table_data
+            )
+            pipes = _TableDataPipes(store, manifest, key, scratch, tick=unsealing, jobs=_jobs(env))
             incoming = f"{live}__incoming_{_stamp()}" if force else target
-            _restore_logical(env, plain, incoming, live)
-            bar.done()
-        found = pgtools.table_checksums_parallel(lambda: pgtools.connect(env, incoming), _jobs(env))
+            _restore_logical(env, plain, incoming, live, pipes)
+            unsealing.done()
+        found = pgtools.table_checksums_parallel(
+            lambda: pgtools.connect(env, incoming), _jobs(env), _methods(manifest)
+        )
         mismatches = _compare(manifest["postgres"]["tables"], found)
         if mismatches:
             with pgtools.connect(env, "postgres") as admin:
@@ -1067,22 +1271,43 @@ def drill(env: Environment, *, storage: Storage | None = None, show_progress: bo
         try:
             with pgtools.scratch_dir(work_dir(env), f"drill-{backup_id}-") as scratch:
                 total = sum(int(f["size"]) for f in manifest["files"].values())
+                logical = manifest["method"] != "physical"
                 with _progress(show_progress) as progress:
-                    bar = _Bar(progress, "decrypt + decompress", total)
-                    plain = _unseal_all(store, manifest, key, scratch, tick=bar, jobs=_jobs(env))
-                if manifest["method"] == "physical":
-                    found, redis_ok, redis_detail = _drill_physical(env, manifest, plain, scratch)
+                    bar = _Bar(progress, "decrypt + decompress" + (" + pg_restore" if logical else ""), total)
+                    plain = _unseal_all(
+                        store,
+                        manifest,
+                        key,
+                        scratch,
+                        tick=bar,
+                        jobs=_jobs(env),
+                        skip=_table_data if logical else _base_archive,
+                    )
+                    if logical:
+                        pipes = _TableDataPipes(store, manifest, key, scratch, tick=bar, jobs=_jobs(env))
+                        _restore_logical(env, plain, scratch_db, pgtools.database_name(env), pipes)
+                # the RTO: until the data are restored and checked; cleaning up the scratch copy is not in it
+                if not logical:
+                    found, redis_ok, redis_detail, rto = _drill_physical(
+                        env,
+                        manifest,
+                        plain,
+                        scratch,
+                        started=started,
+                        unpack=lambda target: _extract_sealed(
+                            store, manifest, key, _archive_name(manifest), target=target, scratch=scratch
+                        ),
+                    )
                 else:
-                    _restore_logical(env, plain, scratch_db, pgtools.database_name(env))
                     try:
                         found = pgtools.table_checksums_parallel(
-                            lambda: pgtools.connect(env, scratch_db), _jobs(env)
+                            lambda: pgtools.connect(env, scratch_db), _jobs(env), _methods(manifest)
                         )
+                        redis_ok, redis_detail = _redis_scratch_check(manifest, plain, scratch)
+                        rto = round(time.monotonic() - started, 3)
                     finally:
                         with pgtools.connect(env, "postgres") as admin:
                             pgtools.drop_database(admin, scratch_db)
-                    redis_ok, redis_detail = _redis_scratch_check(manifest, plain, scratch)
-                rto = round(time.monotonic() - started, 3)
                 mismatches = _compare(manifest["postgres"]["tables"], found)
                 if not redis_ok:
                     mismatches.append(f"redis: {redis_detail}")
@@ -1110,9 +1335,24 @@ def drill(env: Environment, *, storage: Storage | None = None, show_progress: bo
     return report
 
 
+def _base_archive(name: str) -> bool:
+    """The data directory's archive of a physical backup."""
+    return name.startswith("postgres/pgdata.tar")
+
+
+def _archive_name(manifest: dict[str, Any]) -> str:
+    return f"postgres/pgdata.tar{backup_crypto.SUFFIX[manifest['compression']]}"
+
+
 def _drill_physical(
-    env: Environment, manifest: dict[str, Any], plain: Path, scratch: Path
-) -> tuple[dict[str, Any], bool, str]:
+    env: Environment,
+    manifest: dict[str, Any],
+    plain: Path,
+    scratch: Path,
+    *,
+    started: float,
+    unpack: Callable[[Path], None],
+) -> tuple[dict[str, Any], bool, str, float]:
     """Start a scratch PostgreSQL on the restored data directory (as the service account) and count."""
     import pwd  # noqa: PLC0415
 
@@ -1122,15 +1362,32 @@ def _drill_physical(
     os.chown(parent, account.pw_uid, account.pw_gid)
     extracted = Path(tempfile.mkdtemp(prefix="cluster-", dir=parent))
     try:
-        return _drill_cluster(env, manifest, plain, scratch, extracted=extracted, account=account)
+        return _drill_cluster(
+            env,
+            manifest,
+            plain,
+            scratch,
+            extracted=extracted,
+            account=account,
+            started=started,
+            unpack=unpack,
+        )
     finally:
         shutil.rmtree(extracted, ignore_errors=True)
 
 
 def _drill_cluster(
-    env: Environment, manifest: dict[str, Any], plain: Path, scratch: Path, *, extracted: Path, account: Any
-) -> tuple[dict[str, Any], bool, str]:
-    _extract(plain / "postgres" / "pgdata.tar", extracted)
+    env: Environment,
+    manifest: dict[str, Any],
+    plain: Path,
+    scratch: Path,
+    *,
+    extracted: Path,
+    account: Any,
+    started: float,
+    unpack: Callable[[Path], None],
+) -> tuple[dict[str, Any], bool, str, float]:
+    unpack(extracted)
     pgdata = extracted / "pgdata"
     for path in [extracted, *extracted.rglob("*")]:
         os.chown(path, account.pw_uid, account.pw_gid, follow_symlinks=False)
@@ -1168,13 +1425,15 @@ def _drill_cluster(
                 autocommit=True,
             ),
             _jobs(env),
+            _methods(manifest),
         )
+        ok, detail = _redis_scratch_check(manifest, plain, scratch)
+        rto = round(time.monotonic() - started, 3)
     finally:
         pgtools.run_tool(
             [*ctl, "-D", str(pgdata), "-m", "fast", "-w", "stop"], what="scratch PostgreSQL stop"
         )
-    ok, detail = _redis_scratch_check(manifest, plain, scratch)
-    return found, ok, detail
+    return found, ok, detail, rto
 
 
 # --- prune ----------------------------------------------------------------------------------------------

@@ -34,16 +34,26 @@ REDIS_SERVER = "/usr/bin/redis-server"
 REDIS_CHECK_RDB = "/usr/bin/redis-check-rdb"
 PR_SET_PDEATHSIG = 1
 TOOL_TIMEOUT_S = 6 * 3600
-CHECKSUM_QUERY = sql.SQL(
-    "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)::numeric), 0)::text FROM {} AS t"
-)
+SPLIT_BLOCKS = 1024  # tables of 8 MB and more are counted in parts, on several connections
+# Per-table checksums: the row count and an order-independent sum of a 64-bit hash of every row.
+# "record" hashes each row's values with their types' own hash functions (no text conversion, independent
+# of session settings such as TimeZone); "text" hashes each row's text form. "record" is used where every
+# column has a built-in type that can be hashed; "text" elsewhere, and for manifests that name no method.
+CHECKSUM_QUERIES = {
+    "record": sql.SQL("SELECT count(*), coalesce(sum(hash_record_extended(t, 0)), 0)::text FROM {} AS t"),
+    "text": sql.SQL("SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0)::text FROM {} AS t"),
+}
+PROBE_QUERY = sql.SQL("SELECT hash_record_extended(t, 0) FROM {} AS t LIMIT 1")
+FIRST_USER_OID = 16384  # types below it are built in: their values hash alike in every database
 TABLES_QUERY = """
-SELECT n.nspname, c.relname
+SELECT n.nspname, c.relname, pg_relation_size(c.oid) / current_setting('block_size')::int,
+       coalesce((SELECT bool_and(a.atttypid < %s) FROM pg_attribute a
+                  WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), true)
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE c.relkind = 'r'
    AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-   AND n.nspname NOT LIKE 'pg\\_%'
- ORDER BY 1, 2
+   AND n.nspname NOT LIKE 'pg\\_%%'
+ ORDER BY pg_relation_size(c.oid) DESC, 1, 2
 """
 
 
@@ -55,7 +65,7 @@ def pg_bin(env: Environment, tool: str) -> str:
     return f"/usr/lib/postgresql/{env.components['postgres'].version}/bin/{tool}"
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -72,7 +82,7 @@ def run_tool(
             text=True,
             timeout=timeout_s,
             check=False,
-            preexec_fn=_die_with_parent,  # one prctl call, nothing that can deadlock
+            preexec_fn=die_with_parent,  # one prctl call, nothing that can deadlock
         )
     except (OSError, subprocess.SubprocessError) as exc:
         raise OperationFailed(f"{what}: {exc}") from exc
@@ -112,32 +122,91 @@ def connect(env: Environment, dbname: str, *, autocommit: bool = True) -> psycop
         ) from exc
 
 
-def table_checksums(conn: psycopg.Connection[Any]) -> dict[str, dict[str, Any]]:
-    """Every user table -> {"rows", "checksum"}: an order-independent sum of a 64-bit hash of each row's
-    text, so equal tables give equal checksums whatever their physical order."""
+def _tables(cur: psycopg.Cursor[Any], methods: dict[str, str] | None) -> list[tuple[str, str, int, str]]:
+    """(schema, name, blocks, method) of every user table, the largest first. The method is the one
+    `methods` names (from a manifest: "text" where it names none), else chosen here."""
+    found = []
+    for schema, name, blocks, built_in in cur.execute(TABLES_QUERY, (FIRST_USER_OID,)).fetchall():
+        table = f"{schema}.{name}"
+        if methods is not None:
+            method = methods.get(table, "text")
+        elif built_in and _hashable(cur, str(schema), str(name)):
+            method = "record"
+        else:
+            method = "text"
+        if method not in CHECKSUM_QUERIES:
+            raise OperationFailed(f"table {table}: checksum method {method!r} is not known here")
+        found.append((str(schema), str(name), int(blocks), method))
+    return found
+
+
+def _hashable(cur: psycopg.Cursor[Any], schema: str, name: str) -> bool:
+    """Whether every column of the table has a hash function (json, point, xml ... have none)."""
+    conn = cur.connection
+    try:
+        if conn.autocommit:
+            cur.execute(PROBE_QUERY.format(sql.Identifier(schema, name))).fetchall()
+        else:
+            with conn.transaction():  # a savepoint inside the caller's transaction
+                cur.execute(PROBE_QUERY.format(sql.Identifier(schema, name))).fetchall()
+    except psycopg.errors.UndefinedFunction:
+        return False
+    return True
+
+
+def _checksum_query(
+    schema: str, name: str, method: str, low: int = 0, high: int | None = None
+) -> sql.Composed:
+    query = CHECKSUM_QUERIES[method].format(sql.Identifier(schema, name))
+    if low == 0 and high is None:
+        return query
+    query += sql.SQL(" WHERE ctid >= {}::tid").format(sql.Literal(f"({low},0)"))
+    if high is not None:
+        query += sql.SQL(" AND ctid < {}::tid").format(sql.Literal(f"({high},0)"))
+    return query
+
+
+def table_checksums(
+    conn: psycopg.Connection[Any], methods: dict[str, str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Every user table -> {"rows", "checksum", "method"}, on one connection (in its transaction)."""
     result: dict[str, dict[str, Any]] = {}
     with conn.cursor() as cur:
-        tables = cur.execute(TABLES_QUERY).fetchall()
-        for schema, name in tables:
-            row = cur.execute(CHECKSUM_QUERY.format(sql.Identifier(schema, name))).fetchone()
+        for schema, name, _, method in _tables(cur, methods):
+            row = cur.execute(_checksum_query(schema, name, method)).fetchone()
             assert row is not None  # noqa: S101 - an aggregate always returns one row
-            result[f"{schema}.{name}"] = {"rows": int(row[0]), "checksum": str(row[1])}
-    return result
+            result[f"{schema}.{name}"] = {"rows": int(row[0]), "checksum": str(row[1]), "method": method}
+    return dict(sorted(result.items()))
+
+
+def _block_ranges(blocks: int, parts: int) -> list[tuple[int, int | None]]:
+    """`parts` ranges of block numbers covering a table, the last one open-ended (rows appended while
+    counting land in it)."""
+    if parts <= 1 or blocks < SPLIT_BLOCKS:
+        return [(0, None)]
+    step = -(-blocks // parts)
+    bounds = list(range(0, blocks, step))
+    return [(low, bounds[i + 1] if i + 1 < len(bounds) else None) for i, low in enumerate(bounds)]
 
 
 def table_checksums_parallel(
-    connect_to: Callable[[], psycopg.Connection[Any]], jobs: int
+    connect_to: Callable[[], psycopg.Connection[Any]], jobs: int, methods: dict[str, str] | None = None
 ) -> dict[str, dict[str, Any]]:
-    """`table_checksums` over `jobs` connections at once, the largest tables first."""
-    with connect_to() as conn:
-        tables = conn.execute(
-            TABLES_QUERY.replace("ORDER BY 1, 2", "ORDER BY pg_table_size(c.oid) DESC, 1, 2").replace(
-                "SELECT n.nspname, c.relname", "SELECT n.nspname, c.relname, c.oid"
-            )
-        ).fetchall()
-    pending = [(str(schema), str(name)) for schema, name, _ in tables]
+    """`table_checksums` over `jobs` connections at once, the largest tables first; a large table is cut
+    into ranges of blocks (TID range scans) counted on several connections and summed, which gives the
+    same figures as one scan since the checksum is a sum."""
+    with connect_to() as conn, conn.cursor() as cur:
+        tables = _tables(cur, methods)
+    workers = max(1, jobs)
+    ranges = [
+        ((high if high is not None else blocks) - low, schema, name, method, low, high)
+        for schema, name, blocks, method in tables
+        for low, high in _block_ranges(blocks, workers)
+    ]
+    pending = [item[1:] for item in sorted(ranges, key=lambda item: -item[0])]
     lock = threading.Lock()
-    result: dict[str, dict[str, Any]] = {}
+    parts: dict[str, list[tuple[int, int]]] = {}
+    used = {f"{schema}.{name}": method for schema, name, _, method in tables}
 
     def worker() -> None:
         with connect_to() as conn, conn.cursor() as cur:
@@ -145,16 +214,24 @@ def table_checksums_parallel(
                 with lock:
                     if not pending:
                         return
-                    schema, name = pending.pop(0)
-                row = cur.execute(CHECKSUM_QUERY.format(sql.Identifier(schema, name))).fetchone()
+                    schema, name, method, low, high = pending.pop(0)
+                row = cur.execute(_checksum_query(schema, name, method, low, high)).fetchone()
                 assert row is not None  # noqa: S101 - an aggregate always returns one row
                 with lock:
-                    result[f"{schema}.{name}"] = {"rows": int(row[0]), "checksum": str(row[1])}
+                    parts.setdefault(f"{schema}.{name}", []).append((int(row[0]), int(row[1])))
 
-    with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(pending)))) as pool:
-        for future in [pool.submit(worker) for _ in range(max(1, min(jobs, len(pending))))]:
+    count = max(1, min(workers, len(pending)))
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        for future in [pool.submit(worker) for _ in range(count)]:
             future.result()
-    return dict(sorted(result.items()))
+    return {
+        table: {
+            "rows": sum(rows for rows, _ in found),
+            "checksum": str(sum(total for _, total in found)),
+            "method": used[table],
+        }
+        for table, found in sorted(parts.items())
+    }
 
 
 def database_exists(conn: psycopg.Connection[Any], name: str) -> bool:
@@ -285,7 +362,7 @@ class ScratchRedis:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl call, nothing that can deadlock
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - one prctl call, nothing that can deadlock
         )
         deadline = time.monotonic() + 120
         while True:

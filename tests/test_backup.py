@@ -291,6 +291,15 @@ def test_physical_backup_verified_and_drilled(env: model.Environment) -> None:
         assert drilled.ok and drilled.id == made.id and drilled.tables == made.tables
         with pytest.raises(BadInput, match="physical backup"):
             backup.restore(physical, made.id)
+        # the drill unpacks the archive as it decrypts it: a changed chunk fails the drill, naming the file
+        archive = next((env.state_path / "backups" / made.id / "postgres").glob("pgdata.tar*"))
+        data = bytearray(archive.read_bytes())
+        data[len(data) // 3] ^= 0x01
+        archive.write_bytes(bytes(data))
+        with pytest.raises(OperationFailed, match=archive.name):
+            backup.drill(physical)
+        assert not list((localenv.data_dir(env) / "drill").iterdir())
+        backup_storage.for_environment(env).delete(made.id)
     finally:
         hba.write_text(original)
         with pgtools.connect(env, "postgres") as conn:

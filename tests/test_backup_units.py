@@ -1,5 +1,5 @@
-"""Backup parts that need no running environment: sealed streams, retention, the Kubernetes side (a fake
-API at the HTTP boundary), the drill's metric and its alert rules (promtool)."""
+"""Backup parts that need no running environment: sealed streams, retention, the drill's metric and its
+alert rules (promtool). The Kubernetes side is in tests/test_backup_kube.py."""
 
 from __future__ import annotations
 
@@ -12,12 +12,11 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 
-from opskit import backup, backup_crypto, backup_kube, backup_storage, kube, model
-from opskit.errors import BadInput, OperationFailed
+from opskit import backup, backup_crypto, backup_storage, model
+from opskit.errors import BadInput
 from tests.conftest import ROOT, new_environment
 
 KEY = backup_crypto.BackupKey(bytes(range(32)), "test key")
@@ -241,145 +240,3 @@ def test_metrics_text_and_alert_rules(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     for alert in yaml.safe_load(rules.read_text())["groups"][0]["rules"]:
         assert (ROOT / alert["annotations"]["runbook_url"]).is_file(), alert["alert"]
-
-
-# --- Kubernetes: a fake API at the HTTP boundary --------------------------------------------------------
-
-
-class FakeApi:
-    """Enough of the Kubernetes API for CloudNativePG Backups, Clusters and Strimzi KafkaTopics."""
-
-    def __init__(self, backup_phases: list[str]) -> None:
-        self.objects: dict[str, dict[str, Any]] = {}
-        self.phases = backup_phases
-        self.created: list[dict[str, Any]] = []
-
-    def handle(self, request: httpx.Request) -> httpx.Response:
-        path = request.url.path
-        if request.method == "POST":
-            body = json.loads(request.content)
-            self.created.append(body)
-            self.objects[f"{path}/{body['metadata']['name']}"] = body
-            return httpx.Response(201, json=body)
-        if path.endswith("/kafkatopics"):
-            items = [o for p, o in self.objects.items() if "/kafkatopics/" in p]
-            return httpx.Response(200, json={"items": items})
-        if path in self.objects:
-            obj = self.objects[path]
-            if obj.get("kind") == "Backup" and self.phases:
-                obj["status"] = {
-                    "phase": self.phases.pop(0),
-                    "backupId": "20260101T030000",
-                    "error": "disk full",
-                }
-            return httpx.Response(200, json=obj)
-        return httpx.Response(404, json={"kind": "Status", "message": "not found", "reason": "NotFound"})
-
-
-@pytest.fixture
-def staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> model.Environment:
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    monkeypatch.delenv("MAXIMUS_AUDIT_STORE", raising=False)
-    return model.load_environment("staging")
-
-
-def _client(api: FakeApi) -> kube.HttpKubeClient:
-    return kube.HttpKubeClient("https://kube.test:6443", token="t", transport=httpx.MockTransport(api.handle))
-
-
-def test_kubernetes_on_demand_backup_waits_for_completion(staging: model.Environment) -> None:
-    api = FakeApi(["", "running", "running", "completed"])
-    ns = backup_kube.data_namespace(staging)
-    topic = {
-        "apiVersion": backup_kube.STRIMZI_API,
-        "kind": "KafkaTopic",
-        "metadata": {
-            "name": "hitl-patches",
-            "namespace": ns,
-            "labels": {"strimzi.io/cluster": "maximus-kafka"},
-        },
-        "spec": {
-            "topicName": "maximus.hitl.patches",
-            "partitions": 3,
-            "replicas": 3,
-            "config": {"retention.ms": 259200000},
-        },
-        "status": {"conditions": [{"type": "Ready", "status": "True"}]},
-    }
-    api.objects[kube.object_path(backup_kube.STRIMZI_API, "kafkatopics", ns, "hitl-patches")] = topic
-    phases: list[str] = []
-    sleeps: list[float] = []
-    report = backup_kube.backup(staging, _client(api), sleep=sleeps.append, on_phase=phases.append)
-    assert report.phase == "completed" and report.kafka_topics == 1
-    assert phases == ["pending", "running", "completed"] and len(sleeps) == 3
-    created = api.created[0]
-    assert created["kind"] == "Backup" and created["spec"] == {
-        "cluster": {"name": "maximus-postgres"},
-        "method": "barmanObjectStore",
-    }
-    assert created["metadata"]["namespace"] == "maximus-staging-data"
-    topics = backup_kube.kafka_topics(staging, _client(api))
-    assert topics[0]["config"] == {"retention.ms": 259200000} and topics[0]["ready"]
-
-
-def test_kubernetes_backup_failure_and_timeout_are_named(staging: model.Environment) -> None:
-    with pytest.raises(OperationFailed, match="failed: disk full"):
-        backup_kube.backup(staging, _client(FakeApi(["running", "failed"])), sleep=lambda _: None)
-    ticks = iter(range(0, 10_000, 100))
-    with pytest.raises(OperationFailed, match="still running after 300 s; it was left running"):
-        backup_kube.backup(
-            staging,
-            _client(FakeApi(["running"] * 100)),
-            timeout_s=300,
-            sleep=lambda _: None,
-            clock=lambda: float(next(ticks)),
-        )
-
-
-def test_kubernetes_restore_bootstraps_a_new_cluster(staging: model.Environment) -> None:
-    api = FakeApi([])
-    ns = backup_kube.data_namespace(staging)
-    store = {"destinationPath": "s3://maximus-staging-backups/postgres", "s3Credentials": {}}
-    api.objects[kube.object_path(backup_kube.CNPG_API, "clusters", ns, "maximus-postgres")] = {
-        "kind": "Cluster",
-        "metadata": {"name": "maximus-postgres"},
-        "spec": {
-            "instances": 2,
-            "bootstrap": {"initdb": {"database": "hitl", "owner": "hitl", "secret": {"name": "app"}}},
-            "backup": {"barmanObjectStore": store, "retentionPolicy": "30d"},
-            "storage": {"size": "10Gi"},
-        },
-    }
-    api.objects[kube.object_path(backup_kube.CNPG_API, "backups", ns, "nightly")] = {
-        "kind": "Backup",
-        "metadata": {"name": "nightly"},
-        "status": {"phase": "completed", "backupId": "20260101T030000"},
-    }
-    report = backup_kube.restore(staging, _client(api), backup_name="nightly", into="maximus-postgres-r1")
-    created = api.created[-1]
-    assert created["metadata"]["name"] == report.cluster == "maximus-postgres-r1"
-    spec = created["spec"]
-    assert spec["bootstrap"] == {
-        "recovery": {
-            "backup": {"name": "nightly"},
-            "database": "hitl",
-            "owner": "hitl",
-            "secret": {"name": "app"},
-        }
-    }
-    assert "backup" not in spec and spec["instances"] == 2
-    assert spec["externalClusters"][0]["barmanObjectStore"]["serverName"] == "maximus-postgres"
-    pitr = backup_kube.restore(
-        staging, _client(api), backup_name="nightly", target_time="2026-01-01T04:00:00Z"
-    )
-    assert (
-        api.created[-1]["spec"]["bootstrap"]["recovery"]["recoveryTarget"]["targetTime"] == pitr.target_time
-    )
-    for kwargs, message in (
-        ({"backup_name": "nightly", "into": "maximus-postgres"}, "never restored in place"),
-        ({"backup_name": "../x"}, "not a Backup name"),
-        ({"backup_name": "missing"}, "no Backup missing"),
-        ({"backup_name": "nightly", "target_time": "yesterday"}, "--target-time"),
-    ):
-        with pytest.raises(BadInput, match=message):
-            backup_kube.restore(staging, _client(api), **kwargs)
