@@ -25,6 +25,7 @@ import httpx
 
 from opskit import audit, audit_report, output
 from opskit.errors import BadInput, OperationFailed
+from opskit.kube import server_message
 from opskit.model import Environment, load_environment
 
 URL_VAR = "MAXIMUS_GRAFANA_URL"
@@ -88,16 +89,6 @@ class Annotations(Protocol):
     def post(self, annotation: Annotation) -> int:
         """Create one annotation; its id."""
         ...
-
-
-def _server_message(response: httpx.Response) -> str:
-    try:
-        data = response.json()
-    except ValueError:
-        data = None
-    message = data.get("message") if isinstance(data, dict) else None
-    text = " ".join(str(message or response.text or response.reason_phrase).split())
-    return text if len(text) <= MAX_SERVER_MESSAGE else text[: MAX_SERVER_MESSAGE - 3] + "..."
 
 
 class GrafanaAnnotations:
@@ -189,7 +180,7 @@ class GrafanaAnnotations:
         if response.is_error:
             raise GrafanaError(
                 f"Grafana at {self.url} answered {response.status_code} to {what}: "
-                f"{_server_message(response)}"
+                f"{server_message(response, MAX_SERVER_MESSAGE)}"
             )
         try:
             response.json()

@@ -208,8 +208,8 @@ def guarded_patch(
 # --- the HTTP implementation -------------------------------------------------------------------------
 
 
-def _server_message(response: httpx.Response) -> str:
-    """The API server's Status message, on one line and short."""
+def server_message(response: httpx.Response, limit: int = MAX_SERVER_MESSAGE) -> str:
+    """An HTTP API's error message (the JSON `message`, else the body), on one line and short."""
     try:
         data = response.json()
     except ValueError:
@@ -217,7 +217,7 @@ def _server_message(response: httpx.Response) -> str:
     message = data.get("message") if isinstance(data, dict) else None
     text = str(message) if message else response.text or response.reason_phrase
     text = " ".join(text.split())
-    return text if len(text) <= MAX_SERVER_MESSAGE else text[: MAX_SERVER_MESSAGE - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class HttpKubeClient:
@@ -467,7 +467,7 @@ class HttpKubeClient:
             method, method.lower()
         )
         status = response.status_code
-        message = _server_message(response)
+        message = server_message(response)
         if status == 401:
             return KubeAuthError(
                 f"unauthorized (401) to {verb} {what}: the API server rejected the token; check the "

@@ -199,6 +199,24 @@ def run_deploy(env: Environment, target: kubedeploy.ClusterTarget, version: str,
     return deploy.deploy(env, version, target=target, **kwargs)
 
 
+def killed_after(step: str, target: kubedeploy.ClusterTarget, version: str = "1.1.0") -> None:
+    """Run a deploy that dies right after persisting `step`, before the step takes effect: as after kill -9,
+    but for the Lease (given back here; see the kill -9 test)."""
+    advance = deploy.Deployment.advance
+
+    def die_after(self: deploy.Deployment, name: str, detail: str = "") -> None:
+        advance(self, name, detail)
+        if name == step:
+            raise SystemExit(137)
+
+    deploy.Deployment.advance = die_after  # type: ignore[method-assign]
+    try:
+        with pytest.raises(SystemExit):
+            run_deploy(target.env, target, version)
+    finally:
+        deploy.Deployment.advance = advance  # type: ignore[method-assign]
+
+
 def record(api: FakeKubeApi) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(api.objects[RECORD]["data"]["record"])
     return result
@@ -348,24 +366,10 @@ def test_a_refused_gateway_key_is_never_a_measurement(
 @pytest.mark.parametrize("step", ["start-color", "wait-ready", "analysis-pre", "switch", "analysis-post"])
 @pytest.mark.parametrize("finish", ["resume", "abort"])
 def test_killed_at_each_step_resume_and_abort_end_consistent(
-    target: kubedeploy.ClusterTarget,
-    cluster: Cluster,
-    monkeypatch: pytest.MonkeyPatch,
-    step: str,
-    finish: str,
+    target: kubedeploy.ClusterTarget, cluster: Cluster, step: str, finish: str
 ) -> None:
     env = target.env
-    advance = deploy.Deployment.advance
-
-    def die_after(self: deploy.Deployment, name: str, detail: str = "") -> None:
-        advance(self, name, detail)
-        if name == step:
-            raise SystemExit(137)  # persisted and audited, then gone, as after kill -9
-
-    monkeypatch.setattr(deploy.Deployment, "advance", die_after)
-    with pytest.raises(SystemExit):
-        run_deploy(env, target, "1.1.0")
-    monkeypatch.setattr(deploy.Deployment, "advance", advance)
+    killed_after(step, target)
     status = kuberollout.status(env, target.client)
     assert status["deploy"]["state"] == "in-progress" and status["deploy"]["step"] == step
     assert cluster.active() in COLORS  # never split
@@ -549,20 +553,10 @@ def test_previous_color_is_scaled_down_after_its_rollback_window_and_rollback_th
 
 
 def test_rollback_refuses_while_a_deploy_stopped_before_its_switch(
-    env: Environment, target: kubedeploy.ClusterTarget, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+    env: Environment, target: kubedeploy.ClusterTarget, cluster: Cluster
 ) -> None:
     """The other color runs the new, unproven release: going there would be a promotion, not a rollback."""
-    advance = deploy.Deployment.advance
-
-    def die_at_analysis(self: deploy.Deployment, name: str, detail: str = "") -> None:
-        advance(self, name, detail)
-        if name == "analysis-pre":
-            raise SystemExit(137)
-
-    monkeypatch.setattr(deploy.Deployment, "advance", die_at_analysis)
-    with pytest.raises(SystemExit):
-        run_deploy(env, target, "1.1.0")
-    monkeypatch.setattr(deploy.Deployment, "advance", advance)
+    killed_after("analysis-pre", target)
     with pytest.raises(OperationFailed, match=r"before its switch: traffic is still on blue.*--abort"):
         kubedeploy.rollback(env, reason="drill", target=target)
     assert cluster.active() == "blue"
@@ -616,19 +610,9 @@ def test_after_kill_9_the_lease_is_stale_and_resume_needs_break_stale_lock(
 ) -> None:
     """kill -9 gives nothing back: the Lease still names the dead process on this host."""
     env, api = target.env, cluster.api
-    advance = deploy.Deployment.advance
-
-    def die_at_switch(self: deploy.Deployment, name: str, detail: str = "") -> None:
-        advance(self, name, detail)
-        if name == "switch":
-            raise SystemExit(137)
-
-    monkeypatch.setattr(deploy.Deployment, "advance", die_at_switch)
     release = kubedeploy._release
     monkeypatch.setattr(kubedeploy, "_release", lambda *_args: None)  # a killed process gives nothing back
-    with pytest.raises(SystemExit):
-        run_deploy(env, target, "1.1.0")
-    monkeypatch.setattr(deploy.Deployment, "advance", advance)
+    killed_after("switch", target)
     monkeypatch.setattr(kubedeploy, "_release", release)
     finished = subprocess.Popen(["true"])
     finished.wait()
