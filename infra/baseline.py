@@ -13,6 +13,7 @@ import pulumi_kubernetes as k8s
 
 from infra.common import (
     KUBE_DNS,
+    POSTGRES_CLUSTER,
     Component,
     Platform,
     bodies,
@@ -308,15 +309,47 @@ class Baseline(Component):
             ]
         return rules
 
+    @staticmethod
+    def _drill_rules() -> list[dict[str, Any]]:
+        """The restore drill and the consistency point of `invoke db.backup` (opskit/backup_kube.py), in the
+        data namespace only, for the roles that run them (operator, admin). Least privilege: the live
+        Cluster is read, never changed; get and delete are narrowed to the drill's fixed-name scratch Cluster
+        and the two fixed-name checksum Jobs; `create` cannot be narrowed to a name (a second drill is
+        refused by the name already taken). Listing pods (to find the Job's pod) and reading pods/log
+        (the counts) these roles may already. Creating Jobs or Clusters here lets what they start use this
+        namespace's Secrets (the checksum Job logs in with the cluster's superuser Secret), though no Secret
+        is readable through the API by these roles: keep these rules to the data namespace."""
+        scratch = [f"{POSTGRES_CLUSTER}-drill"]
+        jobs = [f"{POSTGRES_CLUSTER}-checksums", f"{POSTGRES_CLUSTER}-drill-checksums"]
+        return [
+            {"apiGroups": ["postgresql.cnpg.io"], "resources": ["clusters"], "verbs": ["create"]},
+            {
+                "apiGroups": ["postgresql.cnpg.io"],
+                "resources": ["clusters"],
+                "resourceNames": scratch,
+                "verbs": ["get", "delete"],
+            },
+            {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create"]},
+            {
+                "apiGroups": ["batch"],
+                "resources": ["jobs"],
+                "resourceNames": jobs,
+                "verbs": ["get", "delete"],
+            },
+        ]
+
     def _rbac(self) -> None:
         ns = self.platform.namespaces
         for namespace in (ns.app, ns.data, ns.observability, ns.gateway):
             for role in ROLES:
                 name = f"maximus-{role}"
+                rules = self._rules(role)
+                if namespace == ns.data and role in ("operator", "admin"):
+                    rules += self._drill_rules()
                 k8s.rbac.v1.Role(
                     self.rname(f"role-{namespace}-{role}"),
                     metadata=self.meta(name, namespace),
-                    rules=bodies(self._rules(role)),
+                    rules=bodies(rules),
                     opts=self.opts(depends_on=[self.namespaces[namespace]]),
                 )
                 k8s.rbac.v1.RoleBinding(

@@ -102,6 +102,9 @@ class Postgres(Component):
             "instances": component.instances,
             "imageName": f"{IMAGE_REPOSITORY}:{env.platform.images.postgres}",
             "primaryUpdateStrategy": "unsupervised",
+            # A backup's consistency point (a restore point, a WAL switch) and the restore drill's checksums
+            # need the superuser; its Secret is for the backup and drill Jobs and admins (access-control.md).
+            "enableSuperuserAccess": True,
             "storage": {"size": f"{component.storage_gi}Gi"},
             "walStorage": {"size": f"{max(component.storage_gi // 4, 1)}Gi"},
             "resources": resources(env.platform.sizes.postgres),

@@ -61,7 +61,7 @@ from opskit import (
     pgtools,
 )
 from opskit.backup_crypto import BackupKey, Compression
-from opskit.backup_kube import KubeBackupReport, KubeRestoreReport
+from opskit.backup_kube import KubeBackupReport, KubeDrillReport, KubeRestoreReport
 from opskit.backup_storage import MANIFEST, Storage
 from opskit.errors import BadInput, OperationFailed, OpsError
 from opskit.kube import KubeClient
@@ -649,14 +649,15 @@ def backup(
 ) -> BackupReport | KubeBackupReport:
     """`invoke db.backup`: take the lock, make a verified backup, audit it.
 
-    On a Kubernetes environment: an on-demand CloudNativePG backup plus the Kafka topic export
-    (opskit.backup_kube), through the kubeconfig's client.
+    On a Kubernetes environment: an on-demand CloudNativePG backup plus the Kafka topic export and the
+    restore drill's consistency point (opskit.backup_kube), through the kubeconfig's client.
     """
     if env.kind == "kubernetes":
         return backup_kube.backup(
             env,
             _kube_client(env),
             storage=storage or backup_storage.for_environment(env),
+            checksums=True,
             on_phase=(lambda phase: output.console.print(f"[dim]CloudNativePG backup: {phase}[/dim]"))
             if show_progress
             else None,
@@ -1249,9 +1250,30 @@ def _swap_live(env: Environment, incoming: str, live: str) -> None:
 # --- drill ----------------------------------------------------------------------------------------------
 
 
-def drill(env: Environment, *, storage: Storage | None = None, show_progress: bool = False) -> DrillReport:
+def drill(
+    env: Environment, *, storage: Storage | None = None, show_progress: bool = False
+) -> DrillReport | KubeDrillReport:
     """`invoke drill`: the latest backup restored into a scratch database and compared with what it recorded;
-    the measured RTO goes to the audit log and the metrics file. A failed drill is OperationFailed."""
+    the measured RTO goes to the audit log and the metrics file. A failed drill is OperationFailed.
+
+    On a Kubernetes environment: the newest CloudNativePG backup with recorded checksums, recovered into a
+    scratch Cluster to its restore point (opskit.backup_kube.drill), through the kubeconfig's client.
+    """
+    if env.kind == "kubernetes":
+        try:
+            made = backup_kube.drill(
+                env,
+                _kube_client(env),
+                storage=storage or backup_storage.for_environment(env),
+                on_phase=(lambda phase: output.console.print(f"[dim]scratch Cluster: {phase}[/dim]"))
+                if show_progress
+                else None,
+            )
+        except OperationFailed:
+            _record_kube_drill(env, None)
+            raise
+        made.metrics_file = str(_record_kube_drill(env, made))
+        return made
     env.require_local()
     store = storage or backup_storage.for_environment(env)
     key = backup_crypto.load_key(env)
@@ -1333,6 +1355,26 @@ def drill(env: Environment, *, storage: Storage | None = None, show_progress: bo
         details = {k: v for k, v in report.as_dict().items() if k not in ("environment", "ok")}
         log.write(env.name, "drill", result="ok" if report.ok else "failed", **details)
     return report
+
+
+def _record_kube_drill(env: Environment, made: KubeDrillReport | None) -> Path:
+    """The drill metrics of a cluster environment, in the same text format, under this machine's state of
+    it (a cluster environment has no state directory); None records a failure. The file written."""
+    directory = kuberollout.state_home(env) / "metrics"
+    state_file = directory / STATE_FILE
+    try:
+        state: dict[str, Any] = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        state = {}
+    if made is None:
+        state["drill_last_failure"] = time.time()
+    else:
+        state.update(
+            drill_last_success=time.time(), drill_last_backup=made.id, drill_rto_seconds=made.rto_seconds
+        )
+    _write_atomic(state_file, json.dumps(state, indent=2, sort_keys=True))
+    _write_atomic(directory / METRICS_FILE, metrics_text(env.name, env.service.name, state))
+    return directory / METRICS_FILE
 
 
 def _base_archive(name: str) -> bool:

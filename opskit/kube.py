@@ -2,9 +2,10 @@
 
 `KubeClient` is the interface: `get`, `patch` (merge or JSON patch), `create` and `delete` on an API path
 such as `/apis/networking.istio.io/v1/namespaces/maximus-staging/virtualservices/hitl`, and plain HTTP to a
-Service through the API server's service proxy (`service_client`). `HttpKubeClient` is the
-one production implementation, on httpx: a base URL, a bearer token and a CA bundle, a timeout on every
-call. Tests plug a fake Kubernetes API in at the HTTP boundary (`transport=`), never above it.
+Service through the API server's service proxy (`service_client`), and `get_text` for plain-text answers
+(a pod's log). `HttpKubeClient` is the one production implementation, on httpx: a base URL, a bearer
+token and a CA bundle, a timeout on every call. Tests plug a fake Kubernetes API in at the HTTP boundary
+(`transport=`), never above it.
 
 Optimistic concurrency: `guarded_patch` reads an object, plans a patch from what it read and sends it
 guarded by the object's resourceVersion (a JSON patch `test` op, or `metadata.resourceVersion` in a merge
@@ -95,6 +96,10 @@ class KubeClient(Protocol):
 
     def delete(self, api_path: str) -> None:
         """Delete the object at `api_path` (already gone counts as deleted)."""
+        ...
+
+    def get_text(self, api_path: str) -> str:
+        """The plain-text answer at `api_path` (a pod's log: `/api/v1/namespaces/<ns>/pods/<pod>/log`)."""
         ...
 
     def service_client(self, namespace: str, service: str, port: int, timeout_s: float) -> httpx.Client:
@@ -392,6 +397,9 @@ class HttpKubeClient:
         except KubeNotFound:
             return
 
+    def get_text(self, api_path: str) -> str:
+        return self._send("GET", api_path, accept="text/plain").text
+
     def service_client(self, namespace: str, service: str, port: int, timeout_s: float) -> httpx.Client:
         return httpx.Client(
             base_url=f"{self.server}{service_proxy_path(namespace, service, port)}",
@@ -431,7 +439,27 @@ class HttpKubeClient:
     def _request(
         self, method: str, api_path: str, body: Any = None, content_type: str | None = None
     ) -> dict[str, Any]:
+        response = self._send(method, api_path, body, content_type)
+        try:
+            data = response.json()
+        except ValueError as exc:
+            raise KubeError(f"{method} {api_path}: the API server answered with no JSON") from exc
+        if not isinstance(data, dict):
+            raise KubeError(f"{method} {api_path}: the API server answered with no object")
+        return data
+
+    def _send(
+        self,
+        method: str,
+        api_path: str,
+        body: Any = None,
+        content_type: str | None = None,
+        accept: str | None = None,
+    ) -> httpx.Response:
+        """One request; a successful response, else the KubeError that names what failed."""
         headers = self.headers()
+        if accept is not None:
+            headers["Accept"] = accept
         content = None
         if body is not None:
             content = json.dumps(body).encode()
@@ -449,13 +477,7 @@ class HttpKubeClient:
                 f"cluster unreachable: {self.server} ({reason}); check the server URL, network and CA"
             ) from exc
         if response.is_success:
-            try:
-                data = response.json()
-            except ValueError as exc:
-                raise KubeError(f"{method} {api_path}: the API server answered with no JSON") from exc
-            if not isinstance(data, dict):
-                raise KubeError(f"{method} {api_path}: the API server answered with no object")
-            return data
+            return response
         raise self._error(method, api_path, body, response)
 
     def _error(self, method: str, api_path: str, body: Any, response: httpx.Response) -> KubeError:

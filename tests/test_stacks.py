@@ -415,6 +415,31 @@ def test_baseline_namespaces_network_policies_and_rbac(runs: dict[str, stack.Sta
     for role in roles:
         if role["metadata"]["name"] != "maximus-admin":
             assert not any("secrets" in rule["resources"] for rule in role["rules"])
+    # The restore drill (operator, admin; data namespace only): the scratch Cluster and the checksum Jobs by
+    # name; creating them is the only unnamed write.
+    operator = {
+        o["metadata"]["namespace"]: o["rules"]
+        for o in run.objects()
+        if o["kind"] == "Role" and o["metadata"]["name"] == "maximus-operator"
+    }
+    drill = [r for r in operator[f"{env.namespace}-data"] if r["resources"] in (["jobs"], ["clusters"])]
+    assert [r for r in drill if set(r["verbs"]) - {"get", "list", "watch"}] == [
+        {"apiGroups": ["postgresql.cnpg.io"], "resources": ["clusters"], "verbs": ["create"]},
+        {
+            "apiGroups": ["postgresql.cnpg.io"],
+            "resources": ["clusters"],
+            "resourceNames": ["maximus-postgres-drill"],
+            "verbs": ["get", "delete"],
+        },
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create"]},
+        {
+            "apiGroups": ["batch"],
+            "resources": ["jobs"],
+            "resourceNames": ["maximus-postgres-checksums", "maximus-postgres-drill-checksums"],
+            "verbs": ["get", "delete"],
+        },
+    ]
+    assert not any(r["apiGroups"] == ["batch"] for r in operator[str(env.namespace)])
 
 
 # --- charts, secrets, environments ---------------------------------------------------------------------
