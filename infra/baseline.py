@@ -461,6 +461,20 @@ class Baseline(Component):
                 role_ref=body(
                     {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": DEPLOY_ACCOUNT}
                 ),
-                subjects=bodies([{"kind": "ServiceAccount", "name": DEPLOY_ACCOUNT, "namespace": ns.app}]),
+                # The pipeline runs as the account; on-call runs the same `invoke deploy` and `invoke
+                # rollback` as operators or admins, with exactly the account's rights.
+                subjects=bodies(
+                    [
+                        {"kind": "ServiceAccount", "name": DEPLOY_ACCOUNT, "namespace": ns.app},
+                        *(
+                            {
+                                "apiGroup": "rbac.authorization.k8s.io",
+                                "kind": "Group",
+                                "name": f"maximus:{role}",
+                            }
+                            for role in ("operator", "admin")
+                        ),
+                    ]
+                ),
                 opts=self.opts(depends_on=[self.namespaces[namespace]]),
             )

@@ -407,11 +407,13 @@ def test_baseline_namespaces_network_policies_and_rbac(runs: dict[str, stack.Sta
     ]
     assert sorted(deploy_elsewhere) == sorted([f"{env.namespace}-observability", f"{env.namespace}-data"])
     bound = {
-        (o["metadata"]["namespace"], o["subjects"][0]["name"])
+        (o["metadata"]["namespace"], tuple(s["name"] for s in o["subjects"]))
         for o in run.objects()
         if o["kind"] == "RoleBinding" and o["metadata"]["name"] == "maximus-deploy"
     }
-    assert bound == {(namespace, "maximus-deploy") for namespace in [env.namespace, *deploy_elsewhere]}
+    # The pipeline's account, and on-call (operators, admins) running the same deploy and rollback.
+    subjects = ("maximus-deploy", "maximus:operator", "maximus:admin")
+    assert bound == {(namespace, subjects) for namespace in [env.namespace, *deploy_elsewhere]}
     for role in roles:
         if role["metadata"]["name"] != "maximus-admin":
             assert not any("secrets" in rule["resources"] for rule in role["rules"])
