@@ -22,7 +22,7 @@ from opskit import backup_kube, localenv, output
 from opskit import demo as demo_steps
 from opskit import health as health_checks
 from opskit import status as status_report
-from opskit.backup_kube import ChecksumsNotRecorded, KubeBackupReport, OffsetsNotExported
+from opskit.backup_kube import BackupIncomplete, KubeBackupReport
 from opskit.errors import BadInput, OpsError
 from opskit.model import Environment, load_environment
 
@@ -446,7 +446,7 @@ def db_backup(c: Context, env: str = "local", json: bool = False, break_stale_lo
             report = backups.backup(
                 load_environment(env), show_progress=not json, break_stale_lock=break_stale_lock
             )
-        except (OffsetsNotExported, ChecksumsNotRecorded) as incomplete:  # kept: the report says what is not
+        except BackupIncomplete as incomplete:  # the backup is kept: its report says what is missing
             if json:
                 output.print_json(incomplete.report.as_dict())
             else:

@@ -100,12 +100,16 @@ class KubeBackupReport:
         return asdict(self)
 
 
-class OffsetsNotExported(OperationFailed):
-    """The database backup completed and is kept, but the consumer-group offsets were not exported."""
+class BackupIncomplete(OperationFailed):
+    """The database backup completed and is kept, but something made with it is missing; `report` says."""
 
     def __init__(self, message: str, report: KubeBackupReport) -> None:
         super().__init__(message)
         self.report = report
+
+
+class OffsetsNotExported(BackupIncomplete):
+    """The consumer-group offsets were not exported."""
 
 
 @dataclass
@@ -123,13 +127,8 @@ class ConsumerOffsets:
         return sum(len(rows) for rows in self.groups.values())
 
 
-class ChecksumsNotRecorded(OperationFailed):
-    """The database backup completed and is kept, but its consistency point and checksums were not recorded:
-    the restore drill cannot use it."""
-
-    def __init__(self, message: str, report: KubeBackupReport) -> None:
-        super().__init__(message)
-        self.report = report
+class ChecksumsNotRecorded(BackupIncomplete):
+    """The consistency point and checksums were not recorded: the restore drill cannot use the backup."""
 
 
 @dataclass

@@ -194,8 +194,8 @@ class Target(Protocol):
         """Make what runs match `state.colors` (already persisted)."""
         ...
 
-    def wait_ready(self, color: str) -> str | None:
-        """None once `color` is ready to take traffic, else why not by the model's deadline."""
+    def wait_ready(self, color: str, version: str) -> str | None:
+        """None once `color` runs `version` and is ready to take traffic, else why not by the deadline."""
         ...
 
     def smoke(
@@ -242,8 +242,8 @@ class LocalTarget:
     def run_colors(self, state: envstate.EnvState) -> None:
         localenv.apply_colors(self.env)  # reads the state just written
 
-    def wait_ready(self, color: str) -> str | None:
-        return wait_ready(self.env, self.router, color)
+    def wait_ready(self, color: str, version: str) -> str | None:
+        return wait_ready(self.env, self.router, color)  # its program was just (re)started with `version`
 
     def smoke(
         self, color: str, on_measure: Callable[[analysis.Measurement], None]
@@ -343,8 +343,8 @@ class Deployment:
         self.target.run_colors(self.state)
 
     def wait_ready(self) -> None:
-        color = self.record["to"]["color"]
-        problem = self.target.wait_ready(color)
+        to = self.record["to"]
+        problem = self.target.wait_ready(to["color"], to["version"])
         if problem is not None:
             raise _Abort(problem)
 

@@ -299,7 +299,7 @@ def cluster_checks(
             f"{kuberollout.PROMETHEUS_SERVICE}.{namespace}",
             True,
             KUBE_TIMEOUT_S,
-            _in_thread(_proxied_ready(lambda: kuberollout.prometheus(env, client).client)),
+            _in_thread(_proxied_ready(lambda: kuberollout.prometheus_http(env, client))),
         ),
         Check(
             "alertmanager",

@@ -30,9 +30,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import httpx
-import psutil
 
-from opskit import analysis, backup_kube, backup_storage, envstate, health, kuberollout, notify
+from opskit import analysis, backup_kube, backup_storage, envstate, health, kuberollout, lock, notify
 from opskit.deploy import SMOKE_REQUESTS, RollbackReport
 from opskit.errors import LockHeld, OperationFailed
 from opskit.health import GATEWAY_KEY_VAR
@@ -84,8 +83,11 @@ def _stale(lease: dict[str, Any], now: datetime) -> bool:
     """Nobody renewed it within its duration, or its holder ran on this host and is gone."""
     spec = lease.get("spec") or {}
     host, _, pid = str(spec.get("holderIdentity") or "").rpartition(":")
-    if host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid)):
-        return True
+    if pid.isdigit():  # held from this host: gone, or its pid reused since, is stale (as the file lock)
+        acquired = _parse_micro(spec.get("acquireTime"))
+        since = acquired.timestamp() if acquired else None
+        if lock.is_stale({"host": host, "pid": int(pid), "since_epoch": since}):
+            return True
     renewed = _parse_micro(spec.get("renewTime"))
     duration = int(spec.get("leaseDurationSeconds") or LEASE_DURATION_S)
     return renewed is None or now > renewed + timedelta(seconds=duration)
@@ -349,14 +351,7 @@ class ClusterTarget:
 
         return plan
 
-    def wait_ready(self, color: str) -> str | None:
-        state = self.read_state()
-        wanted = state.deploy.get("to") or {}
-        version = (
-            wanted.get("version")
-            if wanted.get("color") == color
-            else state.colors.get(color, {}).get("version")
-        )
+    def wait_ready(self, color: str, version: str) -> str | None:
         return kuberollout.wait_rollout(
             self.env, self.client, color, version=version, sleep=self.sleep, clock=self.clock
         )

@@ -197,13 +197,16 @@ def observability_namespace(env: Environment) -> str:
     return f"{_require_cluster(env)}-observability"
 
 
-def prometheus(env: Environment, client: KubeClient) -> PrometheusProvider:
-    """The cluster's Prometheus, through the API server's service proxy."""
+def prometheus_http(env: Environment, client: KubeClient) -> httpx.Client:
+    """Plain HTTP to the cluster's Prometheus, through the API server's service proxy."""
     namespace = observability_namespace(env)
-    base = client.service_client(namespace, PROMETHEUS_SERVICE, PROMETHEUS_PORT, PROXY_TIMEOUT_S)
-    return PrometheusProvider(
-        f"{PROMETHEUS_SERVICE}.{namespace} (through the API server)", PROXY_TIMEOUT_S, client=base
-    )
+    return client.service_client(namespace, PROMETHEUS_SERVICE, PROMETHEUS_PORT, PROXY_TIMEOUT_S)
+
+
+def prometheus(env: Environment, client: KubeClient) -> PrometheusProvider:
+    """The cluster's Prometheus as the analysis' metric provider."""
+    described = f"{PROMETHEUS_SERVICE}.{observability_namespace(env)} (through the API server)"
+    return PrometheusProvider(described, PROXY_TIMEOUT_S, client=prometheus_http(env, client))
 
 
 def alertmanager(env: Environment, client: KubeClient) -> httpx.Client:

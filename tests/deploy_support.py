@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # re-render, and restart, the serving color at the next deploy.
 INVOKE = [sys.executable, "-m", "invoke"]
 # Short analysis windows keep the suite fast; 12 s still spans two scrapes (every 5 s) of the new color.
+RELEASES = ("1.1.0", "1.2.0", "1.3.0")
 FAST_DEPLOY = {
     "ready_deadline_s": 10,
     "analysis": {"interval_s": 2, "window_s": 12, "max_failures": 1},
@@ -206,3 +207,9 @@ def alerts_received(env: Environment) -> list[dict[str, object]]:
 
 def alert_names(env: Environment) -> list[str]:
     return [str(a.get("labels", {}).get("alertname")) for a in alerts_received(env)]  # type: ignore[union-attr]
+
+
+def next_release(env: Environment) -> str:
+    """A release that neither color runs now, so the edge shows which one serves."""
+    taken = {c["version"] for c in envstate.read_state(env).colors.values()}
+    return next(v for v in RELEASES if v not in taken)

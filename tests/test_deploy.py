@@ -24,6 +24,7 @@ from opskit.traffic import SteadyLoad
 from tests.conftest import new_environment
 from tests.deploy_support import (
     FAST_DEPLOY,
+    RELEASES,
     LoadProcess,
     active_version,
     alert_names,
@@ -32,6 +33,7 @@ from tests.deploy_support import (
     edge_answer,
     edge_url,
     invoke,
+    next_release,
     probing,
     running_workloads,
     start_invoke,
@@ -40,8 +42,6 @@ from tests.deploy_support import (
 
 pytestmark = pytest.mark.localenv
 
-RELEASES = ("1.1.0", "1.2.0", "1.3.0")
-
 
 @pytest.fixture(scope="module")
 def env(environments_dir: Path) -> Iterator[Environment]:
@@ -49,12 +49,6 @@ def env(environments_dir: Path) -> Iterator[Environment]:
     localenv.up(environment)
     yield environment
     localenv.down(environment, purge=True)
-
-
-def next_release(env: Environment) -> str:
-    """A release that neither color runs now, so the edge shows which one serves."""
-    taken = {c["version"] for c in envstate.read_state(env).colors.values()}
-    return next(v for v in RELEASES if v not in taken)
 
 
 def snapshot(env: Environment) -> dict[str, object]:

@@ -14,14 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from opskit import deploy, envstate, localenv, lock
+from opskit import deploy, localenv, lock
 from opskit.model import Environment
 from tests.conftest import new_environment
-from tests.deploy_support import FAST_DEPLOY, assert_consistent, edge_answer, invoke, running_workloads
+from tests.deploy_support import (
+    FAST_DEPLOY,
+    assert_consistent,
+    edge_answer,
+    invoke,
+    next_release,
+    running_workloads,
+)
 
 pytestmark = pytest.mark.localenv
 
-RELEASES = ("1.1.0", "1.2.0", "1.3.0")
 QUICK = {
     **FAST_DEPLOY,
     "analysis": {"interval_s": 2, "window_s": 2, "max_failures": 1, "no_data_after_promotion": "pass"},
@@ -36,11 +42,6 @@ def env(environments_dir: Path) -> Iterator[Environment]:
     localenv.up(environment)
     yield environment
     localenv.down(environment, purge=True)
-
-
-def next_release(env: Environment) -> str:
-    taken = {c["version"] for c in envstate.read_state(env).colors.values()}
-    return next(v for v in RELEASES if v not in taken)
 
 
 def killed_deploy(env: Environment, version: str, step: str) -> dict[str, object]:

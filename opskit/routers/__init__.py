@@ -11,9 +11,10 @@ and none is split in a way nobody chose; requests already in flight finish where
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from opskit.errors import OpsError
+from opskit.kube import KubeClient, KubeError, PatchType, Plan, guarded_patch
 
 
 class RouterError(OpsError):
@@ -43,3 +44,22 @@ class Router(Protocol):
     def switch(self, color: str) -> Routing:
         """Send every new request to `color`; idempotent; return the routing read back after the change."""
         ...
+
+
+def patch_and_read_back(
+    client: KubeClient, path: str, plan: Plan, patch_type: PatchType, *, subject: str, color: str
+) -> dict[str, Any]:
+    """A Kubernetes router's switch: one guarded patch, then the object read back as the cluster now
+    has it (what the proxies will get); RouterError says whether the switch was applied."""
+    try:
+        after, changed = guarded_patch(client, path, plan, patch_type)
+    except KubeError as exc:
+        raise RouterError(f"{subject}: switch to {color} not done: {exc}") from exc
+    if not changed:
+        return after
+    try:
+        return client.get(path)
+    except KubeError as exc:
+        raise RouterError(
+            f"{subject}: switched to {color} but cannot read it back: {exc}; check with `invoke status`"
+        ) from exc

@@ -15,9 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 from opskit.errors import BadInput
-from opskit.kube import KubeClient, KubeError, guarded_patch, object_path, pointer
+from opskit.kube import KubeClient, KubeError, object_path, pointer
 from opskit.model import COLORS
-from opskit.routers import RouterError, Routing
+from opskit.routers import RouterError, Routing, patch_and_read_back
 
 API_VERSION = "networking.istio.io/v1"
 PLURAL = "virtualservices"
@@ -46,18 +46,14 @@ class IstioRouter:
     def switch(self, color: str) -> Routing:
         if color not in COLORS:
             raise BadInput(f"color {color!r}: accepted: {', '.join(COLORS)}")
-        try:
-            after, changed = guarded_patch(self.client, self.path, lambda obj: self._plan(obj, color), "json")
-        except KubeError as exc:
-            raise RouterError(f"{self.subject}: switch to {color} not done: {exc}") from exc
-        if changed:  # read back what the sidecars will get
-            try:
-                after = self.client.get(self.path)
-            except KubeError as exc:
-                raise RouterError(
-                    f"{self.subject}: switched to {color} but cannot read it back: {exc}; "
-                    "check with `invoke status`"
-                ) from exc
+        after = patch_and_read_back(
+            self.client,
+            self.path,
+            lambda obj: self._plan(obj, color),
+            "json",
+            subject=self.subject,
+            color=color,
+        )
         routing = self._agreed(after)
         annotation = _annotations(after).get(ACTIVE_COLOR_ANNOTATION)
         if routing.active != color or annotation != color:

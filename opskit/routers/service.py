@@ -16,9 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 from opskit.errors import BadInput
-from opskit.kube import KubeClient, KubeError, guarded_patch, object_path
+from opskit.kube import KubeClient, KubeError, object_path
 from opskit.model import COLORS
-from opskit.routers import RouterError, Routing
+from opskit.routers import RouterError, Routing, patch_and_read_back
 
 # Same key as infra.common.COLOR_LABEL (a test keeps them equal; opskit does not import infra).
 COLOR_LABEL = "maximus.io/color"
@@ -47,20 +47,14 @@ class ServiceSelectorRouter:
     def switch(self, color: str) -> Routing:
         if color not in COLORS:
             raise BadInput(f"color {color!r}: accepted: {', '.join(COLORS)}")
-        try:
-            after, changed = guarded_patch(
-                self.client, self.path, lambda obj: self._plan(obj, color), "merge"
-            )
-        except KubeError as exc:
-            raise RouterError(f"{self.subject}: switch to {color} not done: {exc}") from exc
-        if changed:
-            try:
-                after = self.client.get(self.path)
-            except KubeError as exc:
-                raise RouterError(
-                    f"{self.subject}: switched to {color} but cannot read it back: {exc}; "
-                    "check with `invoke status`"
-                ) from exc
+        after = patch_and_read_back(
+            self.client,
+            self.path,
+            lambda obj: self._plan(obj, color),
+            "merge",
+            subject=self.subject,
+            color=color,
+        )
         routing = self._routing(after)
         if routing.active != color:
             raise RouterError(
