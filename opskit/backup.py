@@ -8,12 +8,13 @@ It is assembled under a temporary name and published by the storage only when co
 next backup, prune or drill sweeps what it left behind.
 
 PostgreSQL: `logical` (pg_dump, directory format, parallel jobs, one exported snapshot shared with the
-per-table checksums) or `physical` (pg_basebackup with its manifest, checked by pg_verifybackup before the
-archive is published). Per-table checksums are sums of a 64-bit hash per row (opskit.pgtools: by value
-where the column types allow it, else by text; the method is recorded per table), counted on parallel
-connections, a large table in block ranges. A logical restore feeds every table's data to pg_restore
-through a named pipe as it is decrypted (each chunk authenticated first, the file's sha256 checked in the
-same pass): no plaintext copy of the data on disk.
+per-table checksums) or `physical` (pg_basebackup's own tar streamed into the sealed archive and checked
+against its backup manifest as it passes, see opskit.basebackup; db.verify and the drill run
+pg_verifybackup on it in full). Per-table checksums are sums of a 64-bit hash per row (opskit.pgtools: by
+value where the column types allow it, else by text; the method is recorded per table), counted on
+parallel connections, a large table in block ranges (beside a physical backup's stream: on one). A
+logical restore feeds every table's data to pg_restore through a named pipe as it is decrypted (each
+chunk authenticated first, the file's sha256 checked in the same pass): no plaintext copy on disk.
 Redis: BGSAVE confirmed by LASTSAVE and INFO persistence, the RDB copied, checked by redis-check-rdb and
 loaded into a scratch server for its key digest.
 
@@ -54,6 +55,7 @@ from opskit import (
     backup_crypto,
     backup_kube,
     backup_storage,
+    basebackup,
     kuberollout,
     localenv,
     lock,
@@ -73,7 +75,7 @@ DATABASE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 METRICS_FILE = "maximus_backup.prom"
 STATE_FILE = "backup-state.json"
 DEFAULT_JOBS = 2
-TAR_BLOCK = 1 << 20
+PHYSICAL_ARCHIVE = "pgdata.tar"
 TABLE_DATA = re.compile(r"^postgres/\d+\.dat\.[a-z.]+$")
 PIPE_BYTES = 1 << 20
 PIPE_POLL_S = 0.002
@@ -386,8 +388,6 @@ def _dump_physical(
     env: Environment, staged: Path, key: BackupKey, progress: Progress | None
 ) -> dict[str, Any]:
     database = pgtools.database_name(env)
-    plain = staged / "plain" / "pgdata"  # the name it has in the archive
-    plain.parent.mkdir()
     with pgtools.connect(env, "postgres") as conn:
         row = conn.execute(
             "SELECT sum(pg_database_size(datname))::bigint, current_setting('server_version') "
@@ -398,55 +398,37 @@ def _dump_physical(
     checksums: dict[str, Any] = {}
     failure: list[BaseException] = []
 
-    def checksum() -> None:  # while the base backup runs
+    def checksum() -> None:  # beside the stream
         try:
-            checksums.update(
-                pgtools.table_checksums_parallel(lambda: pgtools.connect(env, database), _jobs(env))
-            )
+            with pgtools.connect(env, database) as conn:
+                checksums.update(pgtools.table_checksums_alone(conn))
         except BaseException as exc:  # reported below, in the main thread
             failure.append(exc)
 
     worker = threading.Thread(target=checksum, name="table-checksums")
-    bar = _Bar(progress, "postgres: pg_basebackup", int(row[0]) if row[0] else None)
+    compression = env.backup.compression
+    bar = _Bar(
+        progress, f"postgres: pg_basebackup + {compression} + encrypt", int(row[0]) if row[0] else None
+    )
+    name = f"postgres/{PHYSICAL_ARCHIVE}{backup_crypto.SUFFIX[compression]}"
+    (staged / "postgres").mkdir()
+    work = staged / "checked"  # what the stream is checked with; never published
     worker.start()
-    try:  # the checksums run beside the base backup, its verification and its sealing
-        with bar.watching(plain):
-            pgtools.run_tool(
-                [
-                    pgtools.pg_bin(env, "pg_basebackup"),
-                    *pgtools.connect_args(env),
-                    f"--pgdata={plain}",
-                    "--format=plain",
-                    "--wal-method=stream",
-                    "--checkpoint=fast",
-                    "--manifest-checksums=CRC32C",
-                    "--no-password",
-                    # a working copy: only the sealed archive made from it must be durable (fsync below)
-                    "--no-sync",
-                ],
-                env=pgtools.tool_env(env),
-                what="pg_basebackup (needs a `replication` line for postgres in pg_hba.conf)",
-            )
+    try:
+        with (staged / name).open("wb") as out:
+            sink = backup_crypto.SealWriter(out, key, compression)  # one compressor: the cores are busy
+            streamed = basebackup.stream(env, sink.write, work=work, tick=bar)
+            size, digest = sink.finish()
+            out.flush()
+            os.fsync(out.fileno())
         bar.done()
-        total = sum(p.stat().st_size for p in plain.rglob("*") if p.is_file())
-        seal_bar = _Bar(progress, f"postgres: tar + compress ({env.backup.compression}) + encrypt", total)
-        name = f"postgres/pgdata.tar{backup_crypto.SUFFIX[env.backup.compression]}"
-        (staged / "postgres").mkdir()
-        with ThreadPoolExecutor(max_workers=1) as pool:  # verified while it is sealed; both before publishing
-            verified = pool.submit(
-                pgtools.run_tool,
-                [pgtools.pg_bin(env, "pg_verifybackup"), "--quiet", str(plain)],
-                what="pg_verifybackup of the new backup",
-            )
-            size, digest = _seal_tar(
-                plain, staged / name, key, env.backup.compression, seal_bar, threads=_jobs(env)
-            )
-            verified.result()
+    except OSError as exc:
+        raise OperationFailed(f"physical backup: {exc}") from exc
     finally:
         worker.join()
+        shutil.rmtree(work, ignore_errors=True)
     if failure:
         raise OperationFailed(f"table checksums of {database}: {failure[0]}") from failure[0]
-    shutil.rmtree(plain.parent)
     return {
         "method": "physical",
         "database": database,
@@ -454,33 +436,11 @@ def _dump_physical(
         "tool": pgtools.run_tool(
             [pgtools.pg_bin(env, "pg_basebackup"), "--version"], what="pg_basebackup --version"
         ).strip(),
+        "archive": "pg_basebackup",  # its own tar: the data directory's files at the archive's root
         "tables": checksums,
         "tables_note": "counted while the base backup ran; equal after restore when nothing was written then",
-        "files": {name: {"size": size, "plain_size": total, "sha256": digest}},
+        "files": {name: {"size": size, "plain_size": streamed, "sha256": digest}},
     }
-
-
-def _seal_tar(
-    plain: Path, target: Path, key: BackupKey, compression: Compression, tick: Tick, *, threads: int
-) -> tuple[int, str]:
-    """A tar of `plain` (its members under `pgdata/`) written straight into the sealer: no tar file on
-    disk, files read in large blocks."""
-    try:
-        with target.open("wb") as out:
-            sink = backup_crypto.SealWriter(out, key, compression, threads=threads, tick=tick)
-            with tarfile.TarFile(
-                fileobj=sink,  # type: ignore[arg-type]  # mode "w" only writes and asks tell()
-                mode="w",
-                format=tarfile.GNU_FORMAT,
-                copybufsize=TAR_BLOCK,
-            ) as tar:
-                tar.add(plain, arcname="pgdata")
-            result = sink.finish()
-            out.flush()
-            os.fsync(out.fileno())
-    except (OSError, tarfile.TarError) as exc:
-        raise OperationFailed(f"tar of the base backup: {exc}") from exc
-    return result
 
 
 def _bgsave(client: redis.Redis, timeout_s: float = 600) -> dict[str, Any]:
@@ -587,9 +547,6 @@ def _run_backup(env: Environment, storage: Storage, *, show_progress: bool, reas
             "size": sum(f["size"] for f in files.values()),
             "verified": True,
         }
-        for name, meta in files.items():  # the files as they will be published, checked once more
-            if _sha256(staged / name) != meta["sha256"]:
-                raise OperationFailed(f"{name}: changed while the backup was being made")
         manifest["mac"] = _mac(manifest, key)
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         storage.publish(backup_id, staged)
@@ -883,22 +840,12 @@ def verify(
     return VerifyReport(backup_id, not problems, checks, problems, round(time.monotonic() - started, 3))
 
 
-def _check_member(archive: str, member: tarfile.TarInfo) -> None:
-    """A base-backup member must stay inside the target (no absolute path, no '..') and be a file or a
-    directory."""
-    name = Path(member.name)
-    if name.is_absolute() or ".." in name.parts:
-        raise OperationFailed(f"{archive}: member {member.name!r} would leave the target directory")
-    if not (member.isfile() or member.isdir()):
-        raise OperationFailed(f"{archive}: member {member.name!r} is not a file or directory")
-
-
 def _extract(archive: Path, target: Path) -> None:
     """Unpack a base-backup archive; every member checked first."""
     with tarfile.open(archive) as tar:
         members = tar.getmembers()
         for member in members:
-            _check_member(archive.name, member)
+            basebackup.check_member(archive.name, member)
         tar.extractall(target, members=members)  # noqa: S202 - every member checked above
 
 
@@ -933,7 +880,7 @@ def _extract_sealed(
         with os.fdopen(read_fd, "rb") as pipe:
             with tarfile.open(fileobj=pipe, mode="r|") as tar:
                 for member in tar:
-                    _check_member(name, member)
+                    basebackup.check_member(name, member)
                     tar.extract(member, target)
             while pipe.read(PIPE_BYTES):  # the archive's padding: the whole file is read and hashed
                 pass
@@ -978,7 +925,7 @@ def _check_plain(env: Environment, manifest: dict[str, Any], plain: Path, scratc
             checks.append(f"consumer offsets: unavailable ({record.get('reason')})")
         return checks
     if manifest["method"] == "physical":
-        _extract(plain / "postgres" / "pgdata.tar", scratch / "extracted")
+        _extract(plain / "postgres" / PHYSICAL_ARCHIVE, _unpack_into(manifest, scratch / "extracted"))
         pgtools.run_tool(
             [pgtools.pg_bin(env, "pg_verifybackup"), "--quiet", str(scratch / "extracted" / "pgdata")],
             what="pg_verifybackup",
@@ -1317,7 +1264,12 @@ def drill(
                         scratch,
                         started=started,
                         unpack=lambda target: _extract_sealed(
-                            store, manifest, key, _archive_name(manifest), target=target, scratch=scratch
+                            store,
+                            manifest,
+                            key,
+                            _archive_name(manifest),
+                            target=_unpack_into(manifest, target),
+                            scratch=scratch,
                         ),
                     )
                 else:
@@ -1379,11 +1331,17 @@ def _record_kube_drill(env: Environment, made: KubeDrillReport | None) -> Path:
 
 def _base_archive(name: str) -> bool:
     """The data directory's archive of a physical backup."""
-    return name.startswith("postgres/pgdata.tar")
+    return name.startswith(f"postgres/{PHYSICAL_ARCHIVE}")
 
 
 def _archive_name(manifest: dict[str, Any]) -> str:
-    return f"postgres/pgdata.tar{backup_crypto.SUFFIX[manifest['compression']]}"
+    return f"postgres/{PHYSICAL_ARCHIVE}{backup_crypto.SUFFIX[manifest['compression']]}"
+
+
+def _unpack_into(manifest: dict[str, Any], extracted: Path) -> Path:
+    """Where a physical backup's archive is unpacked so that its data directory is `extracted/pgdata`: the
+    archive is pg_basebackup's own tar, or (backups made before it streamed) a tar of `pgdata/`."""
+    return extracted / "pgdata" if manifest["postgres"].get("archive") == "pg_basebackup" else extracted
 
 
 def _drill_physical(

@@ -179,6 +179,13 @@ def table_checksums(
     return dict(sorted(result.items()))
 
 
+def table_checksums_alone(conn: psycopg.Connection[Any]) -> dict[str, dict[str, Any]]:
+    """`table_checksums` in this one backend, without parallel workers: counting beside other work that
+    has the other cores (a physical backup's stream)."""
+    conn.execute("SET max_parallel_workers_per_gather = 0")
+    return table_checksums(conn)
+
+
 def _block_ranges(blocks: int, parts: int) -> list[tuple[int, int | None]]:
     """`parts` ranges of block numbers covering a table, the last one open-ended (rows appended while
     counting land in it)."""

@@ -7,12 +7,15 @@ the restore drill; S3-compatible storage (moto's server, an HTTP fake of S3) for
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +24,7 @@ from typing import Any
 import psutil
 import pytest
 
-from opskit import audit, backup, backup_crypto, backup_storage, localenv, model, pgtools
+from opskit import audit, backup, backup_crypto, backup_storage, basebackup, localenv, model, pgtools
 from opskit.errors import BadInput, OperationFailed
 from tests.conftest import ROOT, free_ports, new_environment
 
@@ -276,34 +279,104 @@ def test_drill_records_rto_and_metric(env: model.Environment) -> None:
     assert "maximus_backup_drill_rto_seconds" in text
 
 
-def test_physical_backup_verified_and_drilled(env: model.Environment) -> None:
+@pytest.fixture
+def replication(env: model.Environment) -> Iterator[None]:
+    """The `replication` line pg_basebackup needs, for one test."""
     hba = localenv.etc_dir(env) / "pg_hba.conf"
     original = hba.read_text()
     hba.write_text(original + "host replication postgres 127.0.0.1/32 scram-sha-256\n")
     with pgtools.connect(env, "postgres") as conn:
         conn.execute("SELECT pg_reload_conf()")
+    yield
+    hba.write_text(original)
+    with pgtools.connect(env, "postgres") as conn:
+        conn.execute("SELECT pg_reload_conf()")
+
+
+@pytest.mark.usefixtures("replication")
+def test_physical_backup_verified_and_drilled(env: model.Environment) -> None:
     physical = env.model_copy(update={"backup": env.backup.model_copy(update={"method": "physical"})})
-    try:
-        made = backup.backup(physical)
-        verified = backup.verify(physical, made.id)
-        assert verified.ok and any("pg_verifybackup" in c for c in verified.checks)
-        drilled = backup.drill(physical)
-        assert drilled.ok and drilled.id == made.id and drilled.tables == made.tables
-        with pytest.raises(BadInput, match="physical backup"):
-            backup.restore(physical, made.id)
-        # the drill unpacks the archive as it decrypts it: a changed chunk fails the drill, naming the file
-        archive = next((env.state_path / "backups" / made.id / "postgres").glob("pgdata.tar*"))
-        data = bytearray(archive.read_bytes())
-        data[len(data) // 3] ^= 0x01
-        archive.write_bytes(bytes(data))
-        with pytest.raises(OperationFailed, match=archive.name):
-            backup.drill(physical)
-        assert not list((localenv.data_dir(env) / "drill").iterdir())
-        backup_storage.for_environment(env).delete(made.id)
-    finally:
-        hba.write_text(original)
-        with pgtools.connect(env, "postgres") as conn:
-            conn.execute("SELECT pg_reload_conf()")
+    made = backup.backup(physical)
+    verified = backup.verify(physical, made.id)
+    assert verified.ok and any("pg_verifybackup" in c for c in verified.checks)
+    drilled = backup.drill(physical)
+    assert drilled.ok and drilled.id == made.id and drilled.tables == made.tables
+    with pytest.raises(BadInput, match="physical backup"):
+        backup.restore(physical, made.id)
+    # the drill unpacks the archive as it decrypts it: a changed chunk fails the drill, naming the file
+    archive = next((env.state_path / "backups" / made.id / "postgres").glob("pgdata.tar*"))
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    archive.write_bytes(bytes(data))
+    with pytest.raises(OperationFailed, match=archive.name):
+        backup.drill(physical)
+    assert not list((localenv.data_dir(env) / "drill").iterdir())
+    backup_storage.for_environment(env).delete(made.id)
+
+
+@pytest.mark.usefixtures("replication")
+def test_physical_backup_made_before_streaming_still_verifies_and_drills(env: model.Environment) -> None:
+    """Older physical backups hold the data directory under `pgdata/` in their archive."""
+    physical = env.model_copy(update={"backup": env.backup.model_copy(update={"method": "physical"})})
+    made = backup.backup(physical)
+    key = backup_crypto.load_key(env)
+    directory = env.state_path / "backups" / made.id
+    manifest = json.loads((directory / backup_storage.MANIFEST).read_text())
+    name = next(n for n in manifest["files"] if n.startswith("postgres/pgdata.tar"))
+    plain, legacy = io.BytesIO(), io.BytesIO()
+    with (directory / name).open("rb") as sealed:
+        backup_crypto.unseal(sealed, plain, key, manifest["compression"], name)
+    plain.seek(0)
+    with tarfile.open(fileobj=plain) as source, tarfile.open(fileobj=legacy, mode="w") as target:
+        top = tarfile.TarInfo("pgdata")
+        top.type, top.mode = tarfile.DIRTYPE, 0o700
+        target.addfile(top)
+        for member in source.getmembers():
+            data = source.extractfile(member) if member.isfile() else None
+            member.name = f"pgdata/{member.name}"
+            target.addfile(member, data)
+    legacy.seek(0)
+    with (directory / name).open("wb") as sealed:
+        size, digest = backup_crypto.seal(legacy, sealed, key, manifest["compression"])
+    manifest["files"][name].update(size=size, sha256=digest)
+    del manifest["postgres"]["archive"]
+    manifest["mac"] = backup_crypto.manifest_mac(manifest, key)
+    (directory / backup_storage.MANIFEST).write_text(json.dumps(manifest))
+    assert backup.verify(physical, made.id).ok
+    drilled = backup.drill(physical)
+    assert drilled.ok and drilled.id == made.id
+    backup_storage.for_environment(env).delete(made.id)
+
+
+@pytest.mark.usefixtures("replication")
+def test_base_backup_stream_is_checked_against_its_manifest(env: model.Environment, tmp_path: Path) -> None:
+    chunks: list[bytes] = []
+    streamed = basebackup.stream(env, chunks.append, work=tmp_path / "work", tick=lambda _: None)
+    data = b"".join(chunks)
+    assert streamed == len(data)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:  # pg_basebackup's own tar, its WAL and manifest in it
+        names = tar.getnames()
+        version = tar.getmember("PG_VERSION")
+    assert "backup_manifest" in names and any(re.fullmatch(r"pg_wal/[0-9A-F]{24}", n) for n in names)
+    with pgtools.connect(env, "postgres") as conn:  # the slot that held the WAL went with its session
+        row = conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone()
+    assert row == (0,)
+    assert not list(basebackup.MEMORY_BACKED.glob(f"{basebackup.SPARSE_PREFIX}{os.getpid()}-*"))
+
+    def scanned(stream: bytes, name: str) -> basebackup.TarScan:
+        scan = basebackup.TarScan(tmp_path / name / "sparse", tmp_path / name / "kept")
+        scan.feed(stream)
+        return scan
+
+    basebackup.check(env, scanned(data, "as-streamed"))
+    changed = bytearray(data)  # one byte changed on its way: the CRC32C the manifest recorded names it
+    changed[version.offset_data] ^= 0x01
+    with pytest.raises(OperationFailed, match="PG_VERSION: CRC32C"):
+        basebackup.check(env, scanned(bytes(changed), "changed"))
+    missing = scanned(data, "missing")  # a file the manifest lists is not there: pg_verifybackup names it
+    (missing.sparse / "global" / "pg_control").unlink()
+    with pytest.raises(OperationFailed, match="pg_control"):
+        basebackup.check(env, missing)
 
 
 def test_s3_storage_through_an_s3_compatible_fake(env: model.Environment) -> None:
