@@ -63,7 +63,7 @@ from opskit import (
     pgtools,
 )
 from opskit.backup_crypto import BackupKey, Compression
-from opskit.backup_kube import KubeBackupReport, KubeDrillReport, KubeRestoreReport
+from opskit.backup_kube import DrillOutcome, KubeBackupReport, KubeDrillReport, KubeRestoreReport
 from opskit.backup_storage import MANIFEST, Storage
 from opskit.errors import BadInput, OperationFailed, OpsError
 from opskit.kube import KubeClient
@@ -135,19 +135,10 @@ class RestoreReport:
 
 
 @dataclass
-class DrillReport:
-    id: str
-    environment: str
-    ok: bool
-    rto_seconds: float
-    tables: int
-    rows: int
-    mismatches: list[str]
-    redis: str
-    metrics_file: str
+class DrillReport(DrillOutcome):
+    """A drill of a backup of a single-machine environment."""
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    metrics_file: str
 
 
 @dataclass

@@ -914,8 +914,10 @@ def record_consistency(
 
 
 @dataclass
-class KubeDrillReport:
-    id: str  # the CloudNativePG Backup drilled
+class DrillOutcome:
+    """What every restore drill reports, wherever it ran."""
+
+    id: str  # the backup drilled
     environment: str
     ok: bool
     rto_seconds: float
@@ -923,6 +925,15 @@ class KubeDrillReport:
     rows: int
     mismatches: list[str]
     redis: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class KubeDrillReport(DrillOutcome):
+    """A drill of a CloudNativePG Backup: its restore point, the scratch Cluster and its deletion."""
+
     export: str
     restore_point: str
     cluster: str
@@ -930,9 +941,6 @@ class KubeDrillReport:
     scratch_deleted: bool
     skipped: list[str] = field(default_factory=list)
     metrics_file: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def compare_tables(expected: dict[str, Any], found: dict[str, Any]) -> list[str]:

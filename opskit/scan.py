@@ -127,6 +127,20 @@ def last_line(result: subprocess.CompletedProcess[str]) -> str:
     return lines[-1] if lines else "no output"
 
 
+def tool_failed(tool: str, result: subprocess.CompletedProcess[str]) -> ToolResult:
+    """The tool gave no report to judge: an error, with its exit code and its last words."""
+    return ToolResult(
+        tool, "error", 0, None, f"{tool} failed (exit {result.returncode}): {last_line(result)}"
+    )
+
+
+def judged(tool: str, report: Path, findings: list[str], *, failed: str, passed: str) -> ToolResult:
+    """Fail on any finding (each in the details), else pass; both name the report."""
+    if findings:
+        return ToolResult(tool, "fail", len(findings), str(report), failed, details=findings)
+    return ToolResult(tool, "pass", 0, str(report), passed)
+
+
 def json_documents(text: str) -> list[Any]:
     """Every JSON document in `text` (a tool may print several one after another), lists flattened."""
     decoder = json.JSONDecoder()
@@ -187,9 +201,7 @@ class Bandit:
         try:
             data = json.loads(report.read_text())
         except (OSError, ValueError):
-            return ToolResult(
-                self.name, "error", 0, None, f"bandit failed (exit {result.returncode}): {last_line(result)}"
-            )
+            return tool_failed(self.name, result)
         if data.get("errors"):
             first = data["errors"][0]
             return ToolResult(
@@ -213,16 +225,13 @@ class Bandit:
         data["maximus"] = {"failing": failing, "suppressed_by_ruff_noqa": suppressed}
         report.write_text(json.dumps(data, indent=2) + "\n")
         counts = f"{low} low, {len(suppressed)} reviewed inline (ruff noqa)"
-        if failing:
-            return ToolResult(
-                self.name,
-                "fail",
-                len(failing),
-                str(report),
-                f"{len(failing)} medium/high; {counts}",
-                details=failing,
-            )
-        return ToolResult(self.name, "pass", 0, str(report), f"no medium/high findings; {counts}")
+        return judged(
+            self.name,
+            report,
+            failing,
+            failed=f"{len(failing)} medium/high; {counts}",
+            passed=f"no medium/high findings; {counts}",
+        )
 
     def _reviewed(self, issue: Mapping[str, Any]) -> bool:
         test_id = str(issue.get("test_id", ""))
@@ -283,14 +292,8 @@ class PipAudit:
                     f"{d['name']} {d.get('version')}: {', '.join(v.get('id', '?') for v in d['vulns'])}"
                     for d in vulnerable
                 ]
-                return ToolResult(
-                    self.name,
-                    "fail",
-                    len(vulnerable),
-                    str(report),
-                    f"{len(vulnerable)} vulnerable packages",
-                    details=details,
-                )
+                summary = f"{len(details)} vulnerable packages"
+                return ToolResult(self.name, "fail", len(details), str(report), summary, details=details)
             if skipped:
                 return self._unverified(report, f"{len(skipped)} dependencies could not be audited", output)
             if result.returncode == 0:
@@ -300,9 +303,7 @@ class PipAudit:
                 )
         if NO_ADVISORY_DATA.search(output):
             return self._unverified(report, "the advisory service gave no data", output)
-        return ToolResult(
-            self.name, "error", 0, None, f"pip-audit failed (exit {result.returncode}): {last_line(result)}"
-        )
+        return tool_failed(self.name, result)
 
     def _unverified(self, report: Path, why: str, output: str) -> ToolResult:
         reasons = [
@@ -382,11 +383,7 @@ class Checkov:
                         f"{item.get('check_name')}"
                     )
         counts = f"{passed} passed, {skipped} skipped with a reason ({', '.join(documents)})"
-        if failed:
-            return ToolResult(
-                self.name, "fail", len(failed), str(report), f"{len(failed)} failed; {counts}", details=failed
-            )
-        return ToolResult(self.name, "pass", 0, str(report), counts)
+        return judged(self.name, report, failed, failed=f"{len(failed)} failed; {counts}", passed=counts)
 
     def _render(self, stack: str, out: Path) -> ToolResult | None:
         """`stack.render` in its own interpreter: the Pulumi mocks are process-global state."""
@@ -417,23 +414,18 @@ class Zizmor:
         try:
             data = json.loads(result.stdout)
         except ValueError:
-            return ToolResult(
-                self.name, "error", 0, None, f"zizmor failed (exit {result.returncode}): {last_line(result)}"
-            )
+            return tool_failed(self.name, result)
         report = reports_dir / "zizmor.sarif"
         report.write_text(json.dumps(data, indent=2) + "\n")
         findings = [sarif_line(r) for r in sarif_results(data)]
         mode = "online and offline audits" if online else "offline audits (set GH_TOKEN for the online ones)"
-        if findings:
-            return ToolResult(
-                self.name,
-                "fail",
-                len(findings),
-                str(report),
-                f"{len(findings)} findings; {mode}",
-                details=findings,
-            )
-        return ToolResult(self.name, "pass", 0, str(report), f"no findings; {mode}")
+        return judged(
+            self.name,
+            report,
+            findings,
+            failed=f"{len(findings)} findings; {mode}",
+            passed=f"no findings; {mode}",
+        )
 
 
 @dataclass
@@ -454,25 +446,17 @@ class AnsibleLint:
         try:
             data = json.loads(report.read_text())
         except (OSError, ValueError):
-            return ToolResult(
-                self.name,
-                "error",
-                0,
-                None,
-                f"ansible-lint failed (exit {result.returncode}): {last_line(result)}",
-            )
+            return tool_failed(self.name, result)
         findings = [sarif_line(r) for r in sarif_results(data)]
-        if findings or result.returncode != 0:
-            count = len(findings) or 1
-            return ToolResult(
-                self.name,
-                "fail",
-                count,
-                str(report),
-                f"{count} findings (exit {result.returncode})",
-                details=findings or [last_line(result)],
-            )
-        return ToolResult(self.name, "pass", 0, str(report), "no findings (production profile)")
+        if result.returncode != 0 and not findings:  # a failure the report does not explain
+            findings = [last_line(result)]
+        return judged(
+            self.name,
+            report,
+            findings,
+            failed=f"{len(findings)} findings (exit {result.returncode})",
+            passed="no findings (production profile)",
+        )
 
 
 @dataclass
@@ -511,13 +495,7 @@ class DetectSecrets:
         try:
             current = json.loads(result.stdout)
         except ValueError:
-            return ToolResult(
-                self.name,
-                "error",
-                0,
-                None,
-                f"detect-secrets failed (exit {result.returncode}): {last_line(result)}",
-            )
+            return tool_failed(self.name, result)
         known = {
             (path, s.get("type"), s.get("hashed_secret")): s
             for path, secrets in (committed.get("results") or {}).items()
@@ -539,17 +517,12 @@ class DetectSecrets:
         findings = [f"not in {self.baseline}: {w}" for w in new] + [
             f"marked a real secret: {w}" for w in confirmed
         ]
-        if findings:
-            return ToolResult(
-                self.name,
-                "fail",
-                len(findings),
-                str(report),
-                f"{len(new)} new, {len(confirmed)} confirmed; audit them, then update the baseline",
-                details=findings,
-            )
-        return ToolResult(
-            self.name, "pass", 0, str(report), f"nothing beyond the {len(known)} audited baseline entries"
+        return judged(
+            self.name,
+            report,
+            findings,
+            failed=f"{len(new)} new, {len(confirmed)} confirmed; audit them, then update the baseline",
+            passed=f"nothing beyond the {len(known)} audited baseline entries",
         )
 
 
