@@ -33,6 +33,7 @@ from typing import IO, Any
 
 import crc32c
 import psutil
+import psycopg
 
 from opskit import pgtools
 from opskit.errors import OperationFailed
@@ -213,7 +214,13 @@ def _run(
         pgtools.connect(env, "postgres") as session,
         tempfile.TemporaryFile() as errors,
     ):
-        session.execute("SELECT pg_create_physical_replication_slot(%s, true, true)", (slot,))
+        try:
+            session.execute("SELECT pg_create_physical_replication_slot(%s, true, true)", (slot,))
+        except psycopg.Error as exc:
+            raise OperationFailed(
+                f"a temporary replication slot to hold the backup's WAL: {exc.diag.message_primary or exc}; "
+                "free one (see the view pg_replication_slots) or raise max_replication_slots"
+            ) from exc
         process = subprocess.Popen(
             [
                 pgtools.pg_bin(env, "pg_basebackup"),

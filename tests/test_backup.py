@@ -373,6 +373,13 @@ def test_base_backup_stream_is_checked_against_its_manifest(env: model.Environme
     changed[version.offset_data] ^= 0x01
     with pytest.raises(OperationFailed, match="PG_VERSION: CRC32C"):
         basebackup.check(env, scanned(bytes(changed), "changed"))
+    with pgtools.connect(env, "postgres") as full:  # every slot taken: it says so, before any backup starts
+        row = full.execute("SELECT current_setting('max_replication_slots')::int").fetchone()
+        assert row is not None
+        for number in range(row[0]):
+            full.execute("SELECT pg_create_physical_replication_slot(%s, true, true)", (f"taken_{number}",))
+        with pytest.raises(OperationFailed, match="max_replication_slots"):
+            basebackup.stream(env, chunks.append, work=tmp_path / "no-slot", tick=lambda _: None)
     missing = scanned(data, "missing")  # a file the manifest lists is not there: pg_verifybackup names it
     (missing.sparse / "global" / "pg_control").unlink()
     with pytest.raises(OperationFailed, match="pg_control"):
