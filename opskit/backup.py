@@ -413,8 +413,6 @@ def _dump_physical(
             out.flush()
             os.fsync(out.fileno())
         bar.done()
-    except OSError as exc:
-        raise OperationFailed(f"physical backup: {exc}") from exc
     finally:
         worker.join()
         shutil.rmtree(work, ignore_errors=True)

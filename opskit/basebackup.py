@@ -101,9 +101,11 @@ class TarScan:
                     self.header.clear()
 
     def _start_member(self, block: bytes) -> None:
-        if self.ended or block == bytes(BLOCK):  # the end of the archive, and what pads it
+        if block == bytes(BLOCK):  # the end of the archive, and what pads it
             self.ended = True
             return
+        if self.ended:
+            raise OperationFailed("pg_basebackup's tar: data after the end of the archive")
         try:
             member = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
         except tarfile.HeaderError as exc:

@@ -83,6 +83,12 @@ def test_a_stream_cut_short_is_refused(tmp_path: Path) -> None:
         scan.close()
 
 
+def test_data_after_the_end_of_the_archive_is_refused(tmp_path: Path) -> None:
+    data = _tar(CONTENT) + _tar({"extra": b"x"})
+    with pytest.raises(OperationFailed, match="after the end"):
+        _scan(data, tmp_path, 7919)
+
+
 @pytest.mark.parametrize(
     ("name", "kind", "problem"),
     [("../outside", tarfile.REGTYPE, "leave the target"), ("pg_tblspc/1", tarfile.SYMTYPE, "not a file")],
