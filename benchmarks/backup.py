@@ -199,12 +199,11 @@ def run(env: Environment, size_mb: int, runs: int) -> None:
     ratios: dict[str, float | None] = {}
 
     def raw_dump(*options: str) -> Sample:
-        sample = timed(
+        shutil.rmtree(scratch / "raw", ignore_errors=True)  # the last dump stays: the raw restore reads it
+        return timed(
             [pgtools.pg_bin(env, "pg_dump"), *tool, "-Fd", "-j2", *options, "-f", str(scratch / "raw"), db],
             env,
         )
-        shutil.rmtree(scratch / "raw")
-        return sample
 
     made: list[str] = []
 
@@ -216,14 +215,12 @@ def run(env: Environment, size_mb: int, runs: int) -> None:
 
         return wall(call)
 
-    raw_gzip, ours = alternate(runs, raw_dump, our_backup)
     raw_z0 = [raw_dump("-Z0") for _ in range(runs)]
+    raw_gzip, ours = alternate(runs, raw_dump, our_backup)
     line("raw pg_dump -Fd -j2 (gzip, its default)", raw_gzip)
     line("raw pg_dump -Fd -j2 -Z0", raw_z0)
     ratios["db.backup logical"] = line("db.backup logical (zstd + AES-256-GCM, checksums)", ours, raw_gzip)
     logical_id = made[-1]
-
-    timed([pgtools.pg_bin(env, "pg_dump"), *tool, "-Fd", "-j2", "-f", str(scratch / "raw"), db], env)
 
     def raw_restore() -> Sample:
         with pgtools.connect(env, "postgres") as conn:
